@@ -1,0 +1,41 @@
+# Two set-up commands (see README): `make demo` and `make test`.
+# Both create or refresh .venv in the repo root and install everything they need.
+
+SHELL := /bin/bash
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+BIN := $(VENV)/bin
+# A CPU build of torch where no CUDA device exists. On these machines pip takes a CPU
+# wheel of torch 2.13.0 from local disk; elsewhere set TORCH_PIP_ARGS, e.g.
+#   make test TORCH_PIP_ARGS="--index-url https://download.pytorch.org/whl/cpu"
+# On a machine with nvidia-smi the default PyPI wheel (a CUDA build) is taken instead.
+TORCH_VERSION ?= 2.13.0
+TORCH_PIP_ARGS ?=
+HAS_CUDA := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo 1)
+TORCH_SPEC := $(if $(HAS_CUDA),torch,torch==$(TORCH_VERSION))
+
+.PHONY: demo test venv clean bench
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+
+# Stamps record which extras were installed; they are refreshed whenever pyproject.toml changes.
+$(VENV)/.torch: | $(BIN)/python
+	$(BIN)/python -m pip install -q $(TORCH_PIP_ARGS) "$(TORCH_SPEC)"
+	touch $@
+
+$(VENV)/.installed-%: pyproject.toml $(VENV)/.torch
+	$(BIN)/python -m pip install -q -e ".[$*]"
+	touch $@
+
+venv: $(VENV)/.installed-viz
+
+demo: $(VENV)/.installed-viz
+	$(BIN)/python -m cicw.examples.two_moons --out moons.png
+
+test: $(VENV)/.installed-test
+	$(BIN)/python -m pytest
+
+clean:
+	rm -rf $(VENV) *.egg-info .pytest_cache .hypothesis
