@@ -1,0 +1,66 @@
+"""CICWConfig: every setting of the method, validated once (the job spec embeds it unchanged)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+Method = Literal["ce", "mixup", "gce", "ciw", "cicw", "ciw_m", "cicw_m"]
+MixupMode = Literal["sample_weight", "sample", "weight", "simple", "label_smoothing"]
+
+
+class CICWConfig(BaseModel):
+    """How a batch's loss is formed.
+
+    ``method``: ``ce`` cross entropy; ``mixup`` plain mixup; ``gce`` generalised cross entropy
+    (Zhang & Sabuncu 2018, a baseline); ``ciw`` instance weights on CE; ``cicw`` instance weights
+    on the class-reweighted loss; ``ciw_m``/``cicw_m`` the same plus weighted mixup.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    method: Method = Field("cicw_m", description="Loss method.")
+    instance_divergence: Literal["alpha", "tv"] = Field(
+        "alpha", description="Divergence bounding the instance weights' distance from uniform.")
+    alpha: float = Field(1.0, allow_inf_nan=False,
+                         description="Amari alpha (1 = KL, 0 = reverse KL, 2 = chi-square).")
+    lam: float = Field(1.0, gt=0, allow_inf_nan=False,
+                       description="Temperature of the instance weights after annealing; "
+                                   "smaller = more aggressive down-weighting.")
+    radius: float | None = Field(None, ge=0, le=1,
+                                 description="TV budget for instance_divergence='tv'.")
+    class_divergence: Literal["none", "kl", "tv", "l1", "l2"] = Field(
+        "kl", description="Class reweighting divergence (cicw and cicw_m).")
+    gamma: float = Field(0.01, ge=0, allow_inf_nan=False, description="Class reweighting budget.")
+    mixup_mode: MixupMode = Field("sample_weight", description="Partner/ratio rule for *_m methods.")
+    mixup_beta: float = Field(2.0, gt=0, allow_inf_nan=False, description="Beta(a, a) parameter.")
+    m_pow: float = Field(1.0, gt=0, allow_inf_nan=False,
+                         description="Mixup uses weights w**m_pow, renormalised.")
+    recompute_on_mixed: bool = Field(
+        True, description="Weighted class-reweighted loss on the mixed batch (CICW-M); "
+                          "False: plain mean CE on it.")
+    gce_q: float = Field(0.7, gt=0, le=1, description="GCE exponent q.")
+    burn_in_steps: int = Field(4000, ge=0, description="Steps of plain training first.")
+    anneal_steps: int = Field(3000, ge=0, description="Steps of lam annealing after burn-in.")
+    anneal_factor: float = Field(10.0, ge=1, allow_inf_nan=False,
+                                 description="lam starts at anneal_factor * lam.")
+    validate_args: bool = Field(True, description="Check tensor values each step (syncs the device).")
+
+    @model_validator(mode="after")
+    def _tv_needs_radius(self) -> "CICWConfig":
+        if self.instance_divergence == "tv" and self.radius is None:
+            raise ValueError("radius is required when instance_divergence is 'tv'")
+        return self
+
+    @property
+    def uses_instance_weights(self) -> bool:
+        return self.method in ("ciw", "cicw", "ciw_m", "cicw_m")
+
+    @property
+    def uses_class_weights(self) -> bool:
+        return self.method in ("cicw", "cicw_m") and self.class_divergence != "none"
+
+    @property
+    def uses_weighted_mixup(self) -> bool:
+        return self.method in ("ciw_m", "cicw_m")

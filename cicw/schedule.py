@@ -1,0 +1,67 @@
+"""Burn-in and lambda annealing, counted in optimizer steps (a stream has no epochs)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+_STATE_VERSION = 1
+
+
+class Schedule:
+    """Where a run is in the CICW schedule.
+
+    Steps ``[0, burn_in_steps)``: burn-in (uniform weights, no class reweighting, plain mixup if a
+    mixup method is configured). Then lam anneals linearly from ``anneal_factor * lam`` down to
+    ``lam`` over ``anneal_steps`` steps, and stays there. Call :meth:`step` once per optimizer step.
+
+    Example:
+        >>> s = Schedule(burn_in_steps=2, anneal_steps=2, anneal_factor=10.0)
+        >>> [(s.in_burn_in, s.lam(1.0)) for _ in range(5) if s.step() or True][-1]
+        (False, 1.0)
+    """
+
+    def __init__(self, burn_in_steps: int = 4000, anneal_steps: int = 3000,
+                 anneal_factor: float = 10.0) -> None:
+        if burn_in_steps < 0 or anneal_steps < 0:
+            raise ValueError("burn_in_steps and anneal_steps must be >= 0")
+        if not anneal_factor >= 1.0:
+            raise ValueError(f"anneal_factor must be >= 1, got {anneal_factor!r}")
+        self.burn_in_steps = int(burn_in_steps)
+        self.anneal_steps = int(anneal_steps)
+        self.anneal_factor = float(anneal_factor)
+        self.steps_done = 0
+
+    def step(self) -> None:
+        """Record one optimizer step."""
+        self.steps_done += 1
+
+    @property
+    def in_burn_in(self) -> bool:
+        return self.steps_done < self.burn_in_steps
+
+    def lam(self, base: float) -> float:
+        """The lambda in force now for a configured (final) ``base``."""
+        into = self.steps_done - self.burn_in_steps
+        if into <= 0:
+            return self.anneal_factor * base
+        if into >= self.anneal_steps:
+            return base
+        frac = into / self.anneal_steps
+        return base * (self.anneal_factor + (1.0 - self.anneal_factor) * frac)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"version": _STATE_VERSION, "steps_done": self.steps_done,
+                "burn_in_steps": self.burn_in_steps, "anneal_steps": self.anneal_steps,
+                "anneal_factor": self.anneal_factor}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore the step count. The configured lengths stay those of this object, so a resumed
+        job may change its schedule; a newer format version is refused."""
+        version = state.get("version")
+        if version != _STATE_VERSION:
+            raise ValueError(f"unsupported Schedule state version {version!r} (expected {_STATE_VERSION})")
+        self.steps_done = int(state["steps_done"])
+
+    def __repr__(self) -> str:
+        return (f"Schedule(burn_in_steps={self.burn_in_steps}, anneal_steps={self.anneal_steps}, "
+                f"anneal_factor={self.anneal_factor}, steps_done={self.steps_done})")
