@@ -42,10 +42,10 @@ class Schedule:
     def lam(self, base: float) -> float:
         """The lambda in force now for a configured (final) ``base``."""
         into = self.steps_done - self.burn_in_steps
-        if into <= 0:
-            return self.anneal_factor * base
         if into >= self.anneal_steps:
             return base
+        if into <= 0:
+            return self.anneal_factor * base
         frac = into / self.anneal_steps
         return base * (self.anneal_factor + (1.0 - self.anneal_factor) * frac)
 
