@@ -138,7 +138,10 @@ def _soft_tv_weights(l: Tensor, y: Tensor, budget: float) -> Tensor:
 
 def _soft_kl_weights(l: Tensor, y: Tensor, gamma: float) -> Tensor:
     l = l.to(torch.float64)
+    # Rows are validated to sum to 1 within 1e-4; KL(s) below assumes exactly 1, and at small
+    # gamma a 1e-7 error in the sum already moves KL by a percent.
     y = y.to(torch.float64)
+    y = y / y.sum(1, keepdim=True)
     inf = torch.tensor(torch.inf, dtype=l.dtype, device=l.device)
     support = y > 0
     in_min = torch.where(support, l, inf).amin(1)
@@ -171,32 +174,36 @@ def _kl_stay_weights(dd: Tensor, y: Tensor, support: Tensor, var: Tensor, gamma:
     if gamma == 0.0:
         return y
     log_gamma = math.log(gamma)
-    # Large-s expansion KL ~ var / (2 s^2) gives the starting point; Newton on
-    # h(u) = log KL(e^u) - log gamma is nearly linear in u there. A bracket [lo, hi] with
-    # KL(lo) > gamma >= KL(hi) catches any step that leaves it (bisection instead).
+    # Large-s expansion KL ~ var / (2 s^2) gives the starting point. A bracket [lo, hi] with
+    # KL(lo) > gamma >= KL(hi) catches any Newton step that leaves it (bisection instead).
     u = 0.5 * torch.log(var.clamp_min(1e-300) / (2.0 * gamma))
     lo = torch.full_like(u, -torch.inf)
     hi = torch.full_like(u, torch.inf)
+    # Off the support y = 0 and t = dd + s > 0, so y/t and y*log(t) vanish there unmasked.
+    finite_lo = torch.zeros_like(u, dtype=torch.bool)
+    finite_hi = torch.zeros_like(finite_lo)
     for _ in range(_KL_NEWTON_STEPS):
-        s = torch.exp(u)[:, None]
-        t = dd + s
-        q = torch.where(support, y / t, torch.zeros_like(y))
+        s = torch.exp(u)
+        t = dd + s[:, None]
+        q = y / t
         a = q.sum(1)
-        b = torch.where(support, q / t, torch.zeros_like(y)).sum(1)
-        kl = (torch.where(support, y * torch.log(t), torch.zeros_like(y))).sum(1) + torch.log(a)
-        kl = kl.clamp_min(1e-300)
+        b = (q / t).sum(1)
+        kl = ((y * torch.log(t)).sum(1) + torch.log(a)).clamp_min(1e-300)
         too_far = kl > gamma
         lo = torch.where(too_far, u, lo)
         hi = torch.where(too_far, hi, u)
-        dkl_du = s[:, 0] * (a - b / a)  # <= 0 by Cauchy-Schwarz
-        step = (torch.log(kl) - log_gamma) * kl / dkl_du.clamp_max(-1e-300)
+        finite_lo = finite_lo | too_far
+        finite_hi = finite_hi | ~too_far
+        dkl_du = (s * (a - b / a)).clamp_max(-1e-300)  # <= 0 by Cauchy-Schwarz
+        # Newton on whichever form is nearly linear in u: KL itself where KL > gamma (small s,
+        # KL ~ -y_min * u), log KL where KL <= gamma (large s, log KL ~ -2u).
+        step = torch.where(too_far, (kl - gamma) / dkl_du, (torch.log(kl) - log_gamma) * kl / dkl_du)
         cand = u - step
-        mid = torch.where(torch.isfinite(lo) & torch.isfinite(hi), 0.5 * (lo + hi),
-                          torch.where(torch.isfinite(lo), lo + 4.0, hi - 4.0))
+        # Outside the bracket: bisect, or step 4 units (a factor e^4 in s) from its one finite end.
+        fallback = torch.where(finite_lo & finite_hi, 0.5 * (lo + hi), torch.where(finite_lo, lo + 4.0, hi - 4.0))
         # Inclusive: at convergence the candidate equals an end of the bracket.
-        inside = (cand >= lo) & (cand <= hi) & torch.isfinite(cand)
-        u = torch.where(inside, cand, mid)
-    q = torch.where(support, y / (dd + torch.exp(u)[:, None]), torch.zeros_like(y))
+        u = torch.where((cand >= lo) & (cand <= hi), cand, fallback)
+    q = y / (dd + torch.exp(u)[:, None])
     return q / q.sum(1, keepdim=True)
 
 
