@@ -89,14 +89,49 @@ def class_reweighted_loss(
         if log_probs.numel() and bool(torch.isnan(log_probs).any()):
             raise ValueError("log_probs must not contain NaN")
 
-    work_dtype = torch.promote_types(log_probs.dtype, torch.float32)
-    losses = -log_probs.to(work_dtype)
+    inner, v, _ = inner_losses(log_probs, targets, hard=hard, divergence=divergence, gamma=gamma,
+                               need_weights=return_weights)
+    return (inner, v) if return_weights else inner  # type: ignore[return-value]
+
+
+def inner_losses(log_probs: Tensor, targets: Tensor, *, hard: bool, divergence: str, gamma: float,
+                 need_weights: bool) -> tuple[Tensor, Tensor | None, Tensor]:
+    """Inner losses [n], class weights [n, K] (None unless ``need_weights`` and cheaper without),
+    and the label mass moved, 0.5*|v - y|_1 [n] (detached), for valid inputs."""
+    log_probs = log_probs if log_probs.dtype in (torch.float32, torch.float64) else log_probs.float()
+    k = log_probs.shape[1]
+    if hard and (divergence in ("none", "kl", "tv", "l1") or k == 1):
+        # Closed forms as two gathers: no dense v, and a backward of two scatters.
+        t = targets.long().unsqueeze(1)
+        given = -log_probs.gather(1, t).squeeze(1)
+        moved_mass = 0.0 if divergence == "none" or k == 1 else _hard_moved_mass(divergence, gamma)
+        if moved_mass == 0.0:
+            inner, best_differs, best = given, torch.zeros_like(given), t
+        else:
+            best = log_probs.detach().argmax(1, keepdim=True)
+            inner = (1.0 - moved_mass) * given - moved_mass * log_probs.gather(1, best).squeeze(1)
+            best_differs = (best != t).squeeze(1).to(given.dtype)
+        v = None
+        if need_weights:
+            v = (1.0 - moved_mass) * torch.zeros_like(log_probs).scatter_(1, t, 1.0)
+            v.scatter_add_(1, best, torch.full_like(given, moved_mass).unsqueeze(1))
+        return inner, v, moved_mass * best_differs
+    losses = -log_probs
     with torch.no_grad():
         v = class_weights(losses.detach(), targets, hard=hard, divergence=divergence, gamma=gamma)
-    v = v.to(work_dtype)
+        v = v.to(losses.dtype)
+        y = (torch.zeros_like(v).scatter_(1, targets.long().unsqueeze(1), 1.0) if hard
+             else targets.to(v.dtype))
+        moved = 0.5 * (v - y).abs().sum(1)
     # where() keeps 0 * inf (a class with probability exactly 0 and weight 0) out of the sum.
     inner = torch.where(v > 0, v * losses, torch.zeros_like(losses)).sum(-1)
-    return (inner, v) if return_weights else inner
+    return inner, v, moved
+
+
+def _hard_moved_mass(divergence: str, gamma: float) -> float:
+    """Mass the given one-hot label loses to the likeliest class: KL(y||v) <= gamma means
+    v_c >= e^-gamma; TV 0.5*|v-y|_1 <= gamma means v_c >= 1 - gamma; L1 is TV with gamma/2."""
+    return {"kl": -math.expm1(-gamma), "tv": min(gamma, 1.0), "l1": min(gamma / 2, 1.0)}[divergence]
 
 
 def class_weights(losses: Tensor, targets: Tensor, *, hard: bool, divergence: str,
@@ -108,7 +143,7 @@ def class_weights(losses: Tensor, targets: Tensor, *, hard: bool, divergence: st
         if divergence == "none" or k == 1:
             return one_hot
         if divergence in ("kl", "tv", "l1"):
-            moved = {"kl": -math.expm1(-gamma), "tv": min(gamma, 1.0), "l1": min(gamma / 2, 1.0)}[divergence]
+            moved = _hard_moved_mass(divergence, gamma)
             best = losses.argmin(dim=1, keepdim=True)
             return (1.0 - moved) * one_hot + moved * torch.zeros_like(losses).scatter_(1, best, 1.0)
         return _l2_weights(losses, one_hot, gamma)

@@ -34,8 +34,16 @@ class CICWDiagnostics:
         self._labels = labels.long()
         self._moved = moved
         self._k = num_classes
-        self.lam = torch.tensor(lam, dtype=torch.float64)
-        self.in_burn_in = torch.tensor(float(in_burn_in), dtype=torch.float64)
+        self._lam = lam
+        self._in_burn_in = in_burn_in
+
+    @property
+    def lam(self) -> Tensor:
+        return torch.tensor(self._lam, dtype=torch.float64)
+
+    @property
+    def in_burn_in(self) -> Tensor:
+        return torch.tensor(float(self._in_burn_in), dtype=torch.float64)
 
     @property
     def num_examples(self) -> Tensor:

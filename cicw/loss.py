@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .class_weights import class_reweighted_loss
+from .class_weights import inner_losses
 from .config import CICWConfig
 from .diagnostics import CICWDiagnostics
 from .distributed import GlobalBatch, gather_rows, resolve_group
@@ -92,8 +92,6 @@ class CICWLoss(nn.Module):
         cfg = self.config
         n = inputs.shape[0]
         hard = check_targets(targets, n, self.num_classes, check_values=cfg.validate_args)
-        y_soft = (F.one_hot(targets.long(), self.num_classes).to(torch.float32) if hard
-                  else targets.to(torch.float32))
         labels = targets if hard else targets.argmax(1)
         group = resolve_group(self.group)
         batch = GlobalBatch.exchange(n, inputs.device, group)
@@ -102,15 +100,18 @@ class CICWLoss(nn.Module):
         reweight = cfg.uses_instance_weights and not burn_in
         class_div = cfg.class_divergence if cfg.uses_class_weights and not burn_in else "none"
 
+        # Weights and class weights come from detached log-probabilities; the loss is then
+        # -sum_ik w_i v_ik log p_ik (see _weighted_nll), so autograd sees what plain CE does.
         if cfg.method == "mixup" or (cfg.uses_weighted_mixup and burn_in):
             # Plain mixup: only the mixed batch is forwarded.
             uniform = torch.full((n,), 1.0 / max(batch.total, 1), device=inputs.device)
-            x_mix, y_mix = weighted_mixup(inputs, y_soft, uniform, mode="simple", beta=cfg.mixup_beta,
-                                          generator=self.generator, group=group)
-            per_example = _soft_cross_entropy(model(x_mix), y_mix)
-            loss = (per_example * uniform).sum()
-            stats = torch.stack([per_example.detach(), labels.to(per_example.dtype),
-                                 torch.zeros_like(per_example)], 1)
+            x_mix, y_mix = weighted_mixup(inputs, self._soft(targets), uniform, mode="simple",
+                                          beta=cfg.mixup_beta, generator=self.generator, group=group)
+            mixed_log_probs = F.log_softmax(model(x_mix).float(), dim=-1)
+            loss = _weighted_nll(mixed_log_probs, uniform, y_mix)
+            with torch.no_grad():
+                mixed, _, _ = self._inner(mixed_log_probs, y_mix, "none")
+            stats = torch.stack([mixed, labels.to(mixed.dtype), torch.zeros_like(mixed)], 1)
             all_stats = gather_rows(stats, batch, group)
             w = self._weights(all_stats[:, 0], lam, reweight=False)
             return self._diagnosed(loss, None, all_stats, w, batch, lam, burn_in)
@@ -118,48 +119,57 @@ class CICWLoss(nn.Module):
         if cfg.uses_weighted_mixup:
             with torch.no_grad():
                 logits = model(inputs)
-                clean, moved = self._inner_losses(logits, targets, class_div)
+                clean, _, moved = self._inner(F.log_softmax(logits.float(), dim=-1), targets, class_div)
             stats = torch.stack([clean, labels.to(clean.dtype), moved], 1)
             all_stats = gather_rows(stats, batch, group)
             w_clean = self._weights(all_stats[:, 0], lam, reweight=True)
             x_mix, y_mix = weighted_mixup(
-                inputs, y_soft, w_clean[batch.local].to(torch.float32), mode=cfg.mixup_mode,
+                inputs, self._soft(targets), w_clean[batch.local].to(torch.float32), mode=cfg.mixup_mode,
                 beta=cfg.mixup_beta, power=cfg.m_pow, generator=self.generator,
                 predictions=logits if cfg.mixup_mode == "label_smoothing" else None, group=group)
-            mixed_logits = model(x_mix)
+            mixed_log_probs = F.log_softmax(model(x_mix).float(), dim=-1)
             if cfg.recompute_on_mixed:
-                mixed, _ = self._inner_losses(mixed_logits, y_mix, class_div)
-                all_mixed = gather_rows(mixed.detach(), batch, group)
-                w_mixed = self._weights(all_mixed, lam, reweight=True)[batch.local]
+                with torch.no_grad():
+                    mixed, v_mixed, _ = self._inner(mixed_log_probs, y_mix, class_div)
+                    w_mixed = self._weights(gather_rows(mixed, batch, group), lam, reweight=True)
+                loss = _weighted_nll(mixed_log_probs, w_mixed[batch.local], v_mixed)
             else:
-                mixed = _soft_cross_entropy(mixed_logits, y_mix)
-                w_mixed = torch.full((n,), 1.0 / max(batch.total, 1), device=inputs.device)
-            loss = (mixed * w_mixed.to(mixed.dtype)).sum()
+                uniform = torch.full((n,), 1.0 / max(batch.total, 1), device=inputs.device)
+                loss = _weighted_nll(mixed_log_probs, uniform, y_mix)
             return self._diagnosed(loss, logits.detach(), all_stats, w_clean, batch, lam, burn_in)
 
         logits = model(inputs)
         if cfg.method == "gce":
-            per_example = _generalised_cross_entropy(logits, y_soft, cfg.gce_q)
-            moved = torch.zeros_like(per_example)
-        else:
-            per_example, moved = self._inner_losses(logits, targets, class_div)
-        stats = torch.stack([per_example.detach(), labels.to(per_example.dtype), moved], 1)
+            per_example = _generalised_cross_entropy(logits, self._soft(targets), cfg.gce_q)
+            stats = torch.stack([per_example.detach(), labels.to(per_example.dtype),
+                                 torch.zeros_like(per_example.detach())], 1)
+            all_stats = gather_rows(stats, batch, group)
+            w = self._weights(all_stats[:, 0], lam, reweight=False)
+            loss = (per_example * w[batch.local].to(per_example.dtype)).sum()
+            return self._diagnosed(loss, logits.detach(), all_stats, w, batch, lam, burn_in)
+
+        log_probs = F.log_softmax(logits.float(), dim=-1)
+        with torch.no_grad():
+            inner, v, moved = self._inner(log_probs, targets, class_div)
+        stats = torch.stack([inner, labels.to(inner.dtype), moved], 1)
         all_stats = gather_rows(stats, batch, group)
         w = self._weights(all_stats[:, 0], lam, reweight=reweight)
-        loss = (per_example * w[batch.local].to(per_example.dtype)).sum()
+        loss = _weighted_nll(log_probs, w[batch.local], v)
         return self._diagnosed(loss, logits.detach(), all_stats, w, batch, lam, burn_in)
 
-    def _inner_losses(self, logits: Tensor, targets: Tensor, divergence: str) -> tuple[Tensor, Tensor]:
-        """Per-example (class-reweighted) losses [n] and the label mass moved [n]."""
-        log_probs = F.log_softmax(logits.float(), dim=-1)
-        losses, v = class_reweighted_loss(log_probs, targets, divergence=divergence,  # type: ignore[arg-type]
-                                          gamma=self.config.gamma, return_weights=True,
-                                          validate_args=False)
-        if divergence == "none":
-            return losses, torch.zeros_like(losses)
-        y = (F.one_hot(targets.long(), self.num_classes).to(v.dtype) if targets.dim() == 1
-             else targets.to(v.dtype))
-        return losses, 0.5 * (v - y).abs().sum(1)
+    def _soft(self, targets: Tensor) -> Tensor:
+        """Targets as [n, K] float32 rows (one-hot for class indices)."""
+        if targets.dim() == 1:
+            return F.one_hot(targets.long(), self.num_classes).to(torch.float32)
+        return targets.to(torch.float32)
+
+    def _inner(self, log_probs: Tensor, targets: Tensor, divergence: str) -> tuple[Tensor, Tensor, Tensor]:
+        """Detached inner losses [n], class weights [n, K] and label mass moved [n]."""
+        inner, v, moved = inner_losses(log_probs.detach(), targets, hard=targets.dim() == 1,
+                                       divergence=divergence, gamma=self.config.gamma,
+                                       need_weights=True)
+        assert v is not None
+        return inner, v, moved
 
     def _weights(self, all_losses: Tensor, lam: float, *, reweight: bool) -> Tensor:
         """Instance weights of the global batch [N] (float64)."""
@@ -179,11 +189,12 @@ class CICWLoss(nn.Module):
                           diagnostics=diagnostics)
 
 
-def _soft_cross_entropy(logits: Tensor, y_soft: Tensor) -> Tensor:
-    """-sum_k y_k log softmax(logits)_k per example. [n, K], [n, K] -> [n]."""
-    log_probs = F.log_softmax(logits.float(), dim=-1)
-    y = y_soft.to(log_probs.dtype)
-    return -torch.where(y > 0, y * log_probs, torch.zeros_like(log_probs)).sum(-1)
+def _weighted_nll(log_probs: Tensor, weights: Tensor, class_weights: Tensor) -> Tensor:
+    """-sum_i w_i sum_k v_ik log p_ik with w and v constants: the weighted inner loss, whose
+    gradient is the Danskin gradient sum_i w_i grad L_i. [n, K], [n], [n, K] -> scalar."""
+    coeff = weights.to(log_probs.dtype).unsqueeze(1) * class_weights.to(log_probs.dtype)
+    # log_softmax of finite logits is finite, so no 0 * -inf can arise here.
+    return -(coeff * log_probs).sum()
 
 
 def _generalised_cross_entropy(logits: Tensor, y_soft: Tensor, q: float) -> Tensor:
