@@ -20,6 +20,10 @@ CLASS_DIVERGENCES = ("none", "kl", "tv", "l1", "l2")
 # far below the 1e-4 agreement we promise on the loss.
 _KL_NEWTON_STEPS = 12
 _L2_BISECTION_STEPS = 48
+# |log s| bound for the KL solver. A labelled class with tiny target mass (a mixup partner's
+# 1e-6 share) can put the root at s ~ e^-10000, where exp underflows and y/s^2 overflows; at
+# s = e^-300 that class's weight is already below 1e-130 and y/s^2 stays finite in float64.
+_KL_LOG_S_LIMIT = 300.0
 
 
 @overload
@@ -211,7 +215,7 @@ def _kl_stay_weights(dd: Tensor, y: Tensor, support: Tensor, var: Tensor, gamma:
     log_gamma = math.log(gamma)
     # Large-s expansion KL ~ var / (2 s^2) gives the starting point. A bracket [lo, hi] with
     # KL(lo) > gamma >= KL(hi) catches any Newton step that leaves it (bisection instead).
-    u = 0.5 * torch.log(var.clamp_min(1e-300) / (2.0 * gamma))
+    u = (0.5 * torch.log(var.clamp_min(1e-300) / (2.0 * gamma))).clamp(-_KL_LOG_S_LIMIT, _KL_LOG_S_LIMIT)
     lo = torch.full_like(u, -torch.inf)
     hi = torch.full_like(u, torch.inf)
     # Off the support y = 0 and t = dd + s > 0, so y/t and y*log(t) vanish there unmasked.
@@ -237,7 +241,7 @@ def _kl_stay_weights(dd: Tensor, y: Tensor, support: Tensor, var: Tensor, gamma:
         # Outside the bracket: bisect, or step 4 units (a factor e^4 in s) from its one finite end.
         fallback = torch.where(finite_lo & finite_hi, 0.5 * (lo + hi), torch.where(finite_lo, lo + 4.0, hi - 4.0))
         # Inclusive: at convergence the candidate equals an end of the bracket.
-        u = torch.where((cand >= lo) & (cand <= hi), cand, fallback)
+        u = torch.where((cand >= lo) & (cand <= hi), cand, fallback).clamp(-_KL_LOG_S_LIMIT, _KL_LOG_S_LIMIT)
     q = y / (dd + torch.exp(u)[:, None])
     return q / q.sum(1, keepdim=True)
 

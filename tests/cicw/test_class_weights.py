@@ -1,0 +1,91 @@
+"""class_reweighted_loss: closed forms, edge cases, regressions (the cvxpy comparison is in
+test_reference_agreement.py)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import cicw
+
+
+def _kl(y: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    return torch.where(y > 0, y * torch.log(y / v.clamp_min(1e-300)), torch.zeros_like(y)).sum(-1)
+
+
+def test_one_hot_kl_closed_form_is_hard_bootstrapping() -> None:
+    lp = torch.log_softmax(torch.tensor([[3.0, 1.0, 0.0], [0.0, 2.0, 0.5]], dtype=torch.float64), -1)
+    y = torch.tensor([1, 1])
+    gamma = 0.3
+    L = cicw.class_reweighted_loss(lp, y, divergence="kl", gamma=gamma)
+    l = -lp
+    beta = math.exp(-gamma)
+    expected0 = beta * l[0, 1] + (1 - beta) * l[0].min()
+    torch.testing.assert_close(L, torch.stack([expected0, l[1, 1]]))  # row 1 agrees with the model
+
+
+def test_tv_and_l1_conventions_differ_by_half() -> None:
+    lp = torch.log_softmax(torch.randn(6, 5, dtype=torch.float64), -1)
+    y = torch.randint(0, 5, (6,))
+    tv = cicw.class_reweighted_loss(lp, y, divergence="tv", gamma=0.2)
+    l1 = cicw.class_reweighted_loss(lp, y, divergence="l1", gamma=0.4)
+    torch.testing.assert_close(tv, l1)
+
+
+def test_tiny_target_mass_under_kl_is_finite() -> None:
+    # Regression: a mixup target with a 1e-6 share put the KL root at s ~ e^-10000 (NaN before).
+    l = torch.tensor([[9.2322, 8.8076, 8.4350, 8.2213, 7.9279, 9.5761, 8.6785, 7.6896, 9.2084, 1.8932e-03]])
+    y = torch.zeros(1, 10)
+    y[0, 0], y[0, 9] = 9.6526e-07, 1.0 - 9.6526e-07
+    L, v = cicw.class_reweighted_loss(-l, y, divergence="kl", gamma=0.01, return_weights=True)
+    assert torch.isfinite(L).all() and torch.isfinite(v).all()
+    assert float(L) == pytest.approx(1.8932e-03, abs=1e-4)
+    assert float(_kl(y.double(), v.double())) <= 0.01 + 1e-6
+
+
+@pytest.mark.parametrize("divergence", ["kl", "tv", "l1", "l2"])
+def test_soft_rows_stay_on_simplex_and_in_ball(divergence: str) -> None:
+    g = torch.Generator().manual_seed(0)
+    lp = torch.log_softmax(torch.randn(64, 7, generator=g, dtype=torch.float64) * 4, -1)
+    r = torch.rand(64, 1, generator=g, dtype=torch.float64) ** 8  # includes extreme mixing ratios
+    a, b = torch.randint(0, 7, (2, 64), generator=g)
+    y = r * torch.nn.functional.one_hot(a, 7) + (1 - r) * torch.nn.functional.one_hot(b, 7)
+    gamma = 0.1
+    L, v = cicw.class_reweighted_loss(lp, y, divergence=divergence, gamma=gamma, return_weights=True)
+    assert torch.isfinite(L).all()
+    assert (v >= -1e-12).all()
+    torch.testing.assert_close(v.sum(1), torch.ones(64, dtype=torch.float64))
+    dist = {"kl": _kl(y, v), "tv": 0.5 * (v - y).abs().sum(1), "l1": (v - y).abs().sum(1),
+            "l2": ((v - y) ** 2).sum(1)}[divergence]
+    assert (dist <= gamma + 1e-6).all()
+    l = -lp
+    assert (L <= (y * l).sum(1) + 1e-9).all() and (L >= l.min(1).values - 1e-9).all()
+
+
+def test_gradient_flows_through_log_probs_only() -> None:
+    logits = torch.randn(5, 4, requires_grad=True)
+    y = torch.tensor([0, 1, 2, 3, 0])
+    L, v = cicw.class_reweighted_loss(torch.log_softmax(logits, -1), y, gamma=0.5, return_weights=True)
+    L.sum().backward()
+    assert not v.requires_grad
+    manual = torch.autograd.functional.jacobian(
+        lambda z: -(v * torch.log_softmax(z, -1)).sum(), logits.detach())
+    torch.testing.assert_close(logits.grad, manual)
+
+
+def test_argument_errors_name_the_problem() -> None:
+    lp = torch.log_softmax(torch.randn(3, 4), -1)
+    with pytest.raises(ValueError, match="divergence must be one of"):
+        cicw.class_reweighted_loss(lp, torch.tensor([0, 1, 2]), divergence="js")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="gamma"):
+        cicw.class_reweighted_loss(lp, torch.tensor([0, 1, 2]), gamma=-1.0)
+    with pytest.raises(ValueError, match="rows"):
+        cicw.class_reweighted_loss(lp, torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match="integer"):
+        cicw.class_reweighted_loss(lp, torch.tensor([0.0, 1.0, 2.0]))
+    with pytest.raises(ValueError, match="shape"):
+        cicw.class_reweighted_loss(lp, torch.full((3, 5), 0.2))
+    with pytest.raises(ValueError, match="log_probs"):
+        cicw.class_reweighted_loss(torch.zeros(3), torch.tensor([0, 1, 2]))
