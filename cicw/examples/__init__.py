@@ -1,0 +1,1 @@
+"""Small runnable illustrations of the method."""
