@@ -89,3 +89,39 @@ def test_argument_errors_name_the_problem() -> None:
         cicw.class_reweighted_loss(lp, torch.full((3, 5), 0.2))
     with pytest.raises(ValueError, match="log_probs"):
         cicw.class_reweighted_loss(torch.zeros(3), torch.tensor([0, 1, 2]))
+
+
+def _kl_stay_by_bisection(l: torch.Tensor, y: torch.Tensor, gamma: float) -> torch.Tensor:
+    """Reference for 'all mass stays on the support': v ∝ y / (l - min l + s), KL(y||v) = gamma
+    found by 200 bisection steps on log s. Valid when no class off the support beats it."""
+    d = l - torch.where(y > 0, l, torch.inf).amin(1, keepdim=True)
+    d = torch.where(y > 0, d, torch.zeros_like(d))
+    lo = torch.full((len(l), 1), -700.0, dtype=torch.float64)
+    hi = torch.full_like(lo, 50.0)
+    for _ in range(200):
+        mid = (lo + hi) / 2
+        q = y / (d + torch.exp(mid))
+        v = q / q.sum(1, keepdim=True)
+        too_far = _kl(y, v).unsqueeze(1) > gamma
+        lo, hi = torch.where(too_far, mid, lo), torch.where(too_far, hi, mid)
+    q = y / (d + torch.exp(hi))
+    return q / q.sum(1, keepdim=True)
+
+
+@pytest.mark.parametrize("gamma", [1e-4, 0.01, 0.5, 3.0])
+def test_kl_extreme_shares_on_wide_support(gamma: float) -> None:
+    # Three labelled classes with shares down to 1e-60: the general Newton path starts in a
+    # plateau where KL is below float64 resolution and must still find the root.
+    g = torch.Generator().manual_seed(3)
+    n, k = 300, 5
+    shares = 10.0 ** (-60 * torch.rand(n, 2, generator=g, dtype=torch.float64))
+    y = torch.zeros(n, k, dtype=torch.float64)
+    y[:, 0], y[:, 1] = shares[:, 0], shares[:, 1]
+    y[:, 2] = 1 - y[:, 0] - y[:, 1]
+    y = y / y.sum(1, keepdim=True)
+    l = torch.rand(n, k, generator=g, dtype=torch.float64) * 8
+    l[:, 3:] = 20.0  # classes off the support are worse, so no mass leaks there
+    L, v = cicw.class_reweighted_loss(-l, y, divergence="kl", gamma=gamma, return_weights=True)
+    expected = (_kl_stay_by_bisection(l, y, gamma) * l).sum(1)
+    torch.testing.assert_close(L, expected, atol=1e-7, rtol=1e-9)
+    assert (_kl(y, v) <= gamma + 1e-9).all()
