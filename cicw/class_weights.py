@@ -32,6 +32,9 @@ _L2_BISECTION_STEPS = 48
 # 1e-6 share) can put the root at s ~ e^-10000, where exp underflows and y/s^2 overflows; at
 # s = e^-300 that class's weight is already below 1e-130 and y/s^2 stays finite in float64.
 _KL_LOG_S_LIMIT = 300.0
+# Below this budget KL(y || v) cannot be told from gamma in float64 (KL is a difference of
+# nearly equal sums), and v = y is within sqrt(gamma) * (loss gap) < 1e-6 of the optimum.
+_KL_GAMMA_RESOLUTION = 1e-14
 
 
 @overload
@@ -235,7 +238,7 @@ def _kl_on_support(l: Tensor, y: Tensor, in_min: Tensor, out_min: Tensor,
 
 
 def _kl_stay_weights(dd: Tensor, y: Tensor, var: Tensor, gamma: float) -> Tensor:
-    if gamma == 0.0:
+    if gamma < _KL_GAMMA_RESOLUTION:
         return y
     if y.shape[1] == 2:
         return _kl_two_class(dd, y, gamma)
@@ -294,8 +297,10 @@ def _kl_two_class(dd: Tensor, y: Tensor, gamma: float) -> Tensor:
         z = z.clamp(-_KL_TWO_CLASS_LOG_P_LIMIT, _LOG_ONE_MINUS_EPS)
         p = torch.exp(z)
         f = const - y_lo * torch.log1p(-p) - y_hi * z
-        slope = (y_lo * p / (1.0 - p) - y_hi).clamp_max(-1e-300)
-        z = z - f / slope
+        slope = y_lo * p / (1.0 - p) - y_hi
+        # slope -> 0 only as p -> y_hi (KL's minimum), where f ~ slope^2 - gamma is already
+        # feasible: stay rather than divide by ~0 (tiny gamma puts the start exactly there).
+        z = z - torch.where(slope < -1e-9, f / slope.clamp_max(-1e-9), torch.zeros_like(f))
     p = torch.exp(z.clamp(-_KL_TWO_CLASS_LOG_P_LIMIT, _LOG_ONE_MINUS_EPS)).minimum(y_hi)
     v_hi, v_lo = p, 1.0 - p
     return torch.stack([torch.where(first_low, v_lo, v_hi), torch.where(first_low, v_hi, v_lo)], 1)

@@ -111,18 +111,16 @@ class CICWLoss(nn.Module):
             loss = _weighted_nll(mixed_log_probs, uniform, y_mix)
             with torch.no_grad():
                 mixed, _, _ = self._inner(mixed_log_probs, y_mix, "none")
-            stats = torch.stack([mixed, labels.to(mixed.dtype), torch.zeros_like(mixed)], 1)
-            all_stats = gather_rows(stats, batch, group)
-            w = self._weights(all_stats[:, 0], lam, reweight=False)
-            return self._diagnosed(loss, None, all_stats, w, batch, lam, burn_in)
+            stats = _gather_stats(mixed, labels, torch.zeros_like(mixed), batch, group)
+            w = self._weights(stats[0], lam, reweight=False)
+            return self._diagnosed(loss, None, stats, w, batch, lam, burn_in)
 
         if cfg.uses_weighted_mixup:
             with torch.no_grad():
                 logits = model(inputs)
                 clean, _, moved = self._inner(F.log_softmax(logits.float(), dim=-1), targets, class_div)
-            stats = torch.stack([clean, labels.to(clean.dtype), moved], 1)
-            all_stats = gather_rows(stats, batch, group)
-            w_clean = self._weights(all_stats[:, 0], lam, reweight=True)
+            stats = _gather_stats(clean, labels, moved, batch, group)
+            w_clean = self._weights(stats[0], lam, reweight=True)
             x_mix, y_mix = weighted_mixup(
                 inputs, self._soft(targets), w_clean[batch.local].to(torch.float32), mode=cfg.mixup_mode,
                 beta=cfg.mixup_beta, power=cfg.m_pow, generator=self.generator,
@@ -136,26 +134,24 @@ class CICWLoss(nn.Module):
             else:
                 uniform = torch.full((n,), 1.0 / max(batch.total, 1), device=inputs.device)
                 loss = _weighted_nll(mixed_log_probs, uniform, y_mix)
-            return self._diagnosed(loss, logits.detach(), all_stats, w_clean, batch, lam, burn_in)
+            return self._diagnosed(loss, logits.detach(), stats, w_clean, batch, lam, burn_in)
 
         logits = model(inputs)
         if cfg.method == "gce":
             per_example = _generalised_cross_entropy(logits, self._soft(targets), cfg.gce_q)
-            stats = torch.stack([per_example.detach(), labels.to(per_example.dtype),
-                                 torch.zeros_like(per_example.detach())], 1)
-            all_stats = gather_rows(stats, batch, group)
-            w = self._weights(all_stats[:, 0], lam, reweight=False)
+            detached = per_example.detach()
+            stats = _gather_stats(detached, labels, torch.zeros_like(detached), batch, group)
+            w = self._weights(stats[0], lam, reweight=False)
             loss = (per_example * w[batch.local].to(per_example.dtype)).sum()
-            return self._diagnosed(loss, logits.detach(), all_stats, w, batch, lam, burn_in)
+            return self._diagnosed(loss, logits.detach(), stats, w, batch, lam, burn_in)
 
         log_probs = F.log_softmax(logits.float(), dim=-1)
         with torch.no_grad():
             inner, v, moved = self._inner(log_probs, targets, class_div)
-        stats = torch.stack([inner, labels.to(inner.dtype), moved], 1)
-        all_stats = gather_rows(stats, batch, group)
-        w = self._weights(all_stats[:, 0], lam, reweight=reweight)
+            stats = _gather_stats(inner, labels, moved, batch, group)
+            w = self._weights(stats[0], lam, reweight=reweight)
         loss = _weighted_nll(log_probs, w[batch.local], v)
-        return self._diagnosed(loss, logits.detach(), all_stats, w, batch, lam, burn_in)
+        return self._diagnosed(loss, logits.detach(), stats, w, batch, lam, burn_in)
 
     def _soft(self, targets: Tensor) -> Tensor:
         """Targets as [n, K] float32 rows (one-hot for class indices)."""
@@ -181,18 +177,29 @@ class CICWLoss(nn.Module):
         return global_instance_weights(all_losses, divergence=cfg.instance_divergence,
                                        alpha=cfg.alpha, lam=lam, radius=cfg.radius)
 
-    def _diagnosed(self, loss: Tensor, logits: Tensor | None, all_stats: Tensor, w: Tensor,
+    def _diagnosed(self, loss: Tensor, logits: Tensor | None, stats: tuple[Tensor, Tensor, Tensor], w: Tensor,
                    batch: GlobalBatch, lam: float, burn_in: bool) -> CICWOutput:
-        diagnostics = CICWDiagnostics(w, all_stats[:, 1], all_stats[:, 2], num_classes=self.num_classes,
+        diagnostics = CICWDiagnostics(w, stats[1], stats[2], num_classes=self.num_classes,
                                       lam=lam, in_burn_in=burn_in)
         return CICWOutput(loss=loss, logits=logits, weights=w[batch.local].to(torch.float32),
                           diagnostics=diagnostics)
 
 
+def _gather_stats(losses: Tensor, labels: Tensor, moved: Tensor, batch: GlobalBatch,
+                  group: object | None) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-example (detached loss, given label, label mass moved) of the global batch, [N] each;
+    one all-gather for the three under torch.distributed, nothing to do without it."""
+    if group is None:
+        return losses, labels, moved
+    stats = gather_rows(torch.stack([losses, labels.to(losses.dtype), moved.to(losses.dtype)], 1), batch, group)
+    return stats[:, 0], stats[:, 1], stats[:, 2]
+
+
 def _weighted_nll(log_probs: Tensor, weights: Tensor, class_weights: Tensor) -> Tensor:
     """-sum_i w_i sum_k v_ik log p_ik with w and v constants: the weighted inner loss, whose
     gradient is the Danskin gradient sum_i w_i grad L_i. [n, K], [n], [n, K] -> scalar."""
-    coeff = weights.to(log_probs.dtype).unsqueeze(1) * class_weights.to(log_probs.dtype)
+    with torch.no_grad():
+        coeff = class_weights.to(log_probs.dtype) * weights.to(log_probs.dtype).unsqueeze(1)
     # log_softmax of finite logits is finite, so no 0 * -inf can arise here.
     return -(coeff * log_probs).sum()
 

@@ -19,7 +19,8 @@ def project_rows_to_simplex(x: Tensor) -> Tensor:
     cssv = torch.cumsum(u, dim=-1) - 1.0
     ks = torch.arange(1, x.shape[-1] + 1, device=x.device, dtype=x.dtype)
     active = (u - cssv / ks) > 0
-    # rho is the last active index; index 0 is always active, so rho >= 1.
-    rho = (active * ks).amax(dim=-1, keepdim=True)
+    # rho is the last active index. Index 0 is always active in exact arithmetic, but for huge
+    # entries u_0 - (u_0 - 1) rounds to 0, hence the clamp.
+    rho = (active * ks).amax(dim=-1, keepdim=True).clamp_min(1)
     theta = cssv.gather(-1, rho.long() - 1) / rho
     return (x - theta).clamp_min(0.0)

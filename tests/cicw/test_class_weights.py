@@ -125,3 +125,22 @@ def test_kl_extreme_shares_on_wide_support(gamma: float) -> None:
     expected = (_kl_stay_by_bisection(l, y, gamma) * l).sum(1)
     torch.testing.assert_close(L, expected, atol=1e-7, rtol=1e-9)
     assert (_kl(y, v) <= gamma + 1e-9).all()
+
+
+def test_l2_with_huge_step_keeps_projection_defined() -> None:
+    # Regression (found by hypothesis): nearly equal losses make the bisection's t huge, and
+    # u_0 - (u_0 - 1) rounded to 0 left the projection with no active index.
+    lp = torch.tensor([[-0.6933, -0.6930]], dtype=torch.float64)
+    for gamma in (0.0, 0.3, 2.0):
+        L, v = cicw.class_reweighted_loss(lp, torch.tensor([0]), divergence="l2", gamma=gamma,
+                                          return_weights=True)
+        assert torch.isfinite(L).all() and float(((v - torch.tensor([[1.0, 0.0]])) ** 2).sum()) <= gamma + 1e-9
+
+
+def test_kl_two_class_tiny_gamma_stays_feasible() -> None:
+    # Regression (found by hypothesis): gamma ~ 1e-183 started Newton exactly at KL's minimum.
+    lp = torch.tensor([[-2.8094, -0.0621]], dtype=torch.float64)
+    y = torch.tensor([[0.4606, 0.5394]], dtype=torch.float64)
+    L, v = cicw.class_reweighted_loss(lp, y, divergence="kl", gamma=5.857e-183, return_weights=True)
+    assert float(_kl(y, v)) <= 1e-12
+    torch.testing.assert_close(L, (y * -lp).sum(1))
