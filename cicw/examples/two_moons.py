@@ -78,6 +78,7 @@ def draw(runs: list[Trained], x: Tensor, y: Tensor, flipped: Tensor, out: str) -
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from matplotlib.colors import ListedColormap
+    from matplotlib.lines import Line2D
 
     lo, hi = x.min(0).values - 0.4, x.max(0).values + 0.4
     gx, gy = torch.meshgrid(torch.linspace(float(lo[0]), float(hi[0]), 300),
@@ -100,6 +101,10 @@ def draw(runs: list[Trained], x: Tensor, y: Tensor, flipped: Tensor, out: str) -
                      f"black rings = flipped labels)")
         ax.set_xticks([])
         ax.set_yticks([])
+    legend = [Line2D([], [], marker="o", ls="", color=colours[0], label="given label 0"),
+              Line2D([], [], marker="o", ls="", color=colours[1], label="given label 1"),
+              Line2D([], [], marker="o", ls="", mfc="none", mec="k", label="flipped (wrong) label")]
+    axes[0].legend(handles=legend, loc="lower left", fontsize=8, framealpha=0.9)
     fig.suptitle("Two moons, 30% of training labels flipped")
     fig.tight_layout()
     fig.savefig(out, dpi=110)
