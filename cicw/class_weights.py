@@ -309,7 +309,10 @@ def _kl_two_class(dd: Tensor, y: Tensor, gamma: float) -> Tensor:
 def _l2_weights(l: Tensor, y: Tensor, gamma: float) -> Tensor:
     # v(t) = proj(y - t l) moves monotonically away from y as t grows; keep the largest t with
     # ||v(t) - y||^2 <= gamma. t is scaled by the loss range so the bracket is unit-free.
+    # Shifting a row by a constant leaves proj(y - t l) unchanged (the simplex fixes the sum);
+    # without it, nearly equal losses make t huge and t*l rounds y away entirely.
     l64 = l.to(torch.float64)
+    l64 = l64 - l64.amin(1, keepdim=True)
     y64 = y.to(torch.float64)
     spread = (l64.amax(1) - l64.amin(1)).clamp_min(1e-12)[:, None]
     lo = torch.full((l.shape[0], 1), -30.0, dtype=torch.float64, device=l.device)
