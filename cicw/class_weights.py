@@ -133,10 +133,9 @@ def inner_losses(log_probs: Tensor, targets: Tensor, *, hard: bool, divergence: 
         return inner, v, moved_mass * best_differs
     losses = -log_probs
     with torch.no_grad():
-        v = class_weights(losses.detach(), targets, hard=hard, divergence=divergence, gamma=gamma)
-        v = v.to(losses.dtype)
-        y = (torch.zeros_like(v).scatter_(1, targets.long().unsqueeze(1), 1.0) if hard
-             else targets.to(v.dtype))
+        y = (torch.zeros_like(losses).scatter_(1, targets.long().unsqueeze(1), 1.0) if hard
+             else targets.to(losses.dtype))
+        v = _dense_class_weights(losses.detach(), y, divergence=divergence, gamma=gamma).to(losses.dtype)
         moved = 0.5 * (v - y).abs().sum(1)
     # where() keeps 0 * inf (a class with probability exactly 0 and weight 0) out of the sum.
     inner = torch.where(v > 0, v * losses, torch.zeros_like(losses)).sum(-1)
@@ -149,21 +148,9 @@ def _hard_moved_mass(divergence: str, gamma: float) -> float:
     return {"kl": -math.expm1(-gamma), "tv": min(gamma, 1.0), "l1": min(gamma / 2, 1.0)}[divergence]
 
 
-def class_weights(losses: Tensor, targets: Tensor, *, hard: bool, divergence: str,
-                  gamma: float) -> Tensor:
-    """The optimal v for valid inputs. losses [n, K] (no grad), targets [n] or [n, K] -> [n, K]."""
-    n, k = losses.shape
-    if hard:
-        one_hot = torch.zeros_like(losses).scatter_(1, targets.long().unsqueeze(1), 1.0)
-        if divergence == "none" or k == 1:
-            return one_hot
-        if divergence in ("kl", "tv", "l1"):
-            moved = _hard_moved_mass(divergence, gamma)
-            best = losses.argmin(dim=1, keepdim=True)
-            return (1.0 - moved) * one_hot + moved * torch.zeros_like(losses).scatter_(1, best, 1.0)
-        return _l2_weights(losses, one_hot, gamma)
-    y = targets.to(losses.dtype)
-    if divergence == "none" or k == 1:
+def _dense_class_weights(losses: Tensor, y: Tensor, *, divergence: str, gamma: float) -> Tensor:
+    """The optimal v for valid dense targets y. losses, y [n, K] (no grad) -> [n, K]."""
+    if divergence == "none" or y.shape[1] == 1:
         return y
     if divergence == "kl":
         return _soft_kl_weights(losses, y, gamma)
