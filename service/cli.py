@@ -22,6 +22,32 @@ def _moons(args: argparse.Namespace) -> int:
     return two_moons.main(["--out", args.out, "--seed", str(args.seed)])
 
 
+def _broker(args: argparse.Namespace) -> int:
+    import signal
+    import threading
+
+    from workers.broker import BrokerError, EmbeddedBroker
+
+    stop = threading.Event()
+    # The handler only sets the event; the main thread stops the broker.
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    try:
+        broker = EmbeddedBroker(host=args.host, port=args.port).start()
+    except BrokerError as exc:
+        print(f"cicw-stream broker: {exc}", file=sys.stderr)
+        return 1
+    print(broker.bootstrap, flush=True)
+    try:
+        while not stop.wait(0.5):
+            if not broker.running:
+                print(f"cicw-stream broker: broker process exited; log: {broker.log_path}", file=sys.stderr)
+                return 1
+    finally:
+        broker.stop()
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="cicw-stream",
@@ -32,6 +58,11 @@ def build_parser() -> argparse.ArgumentParser:
     moons.add_argument("--out", default="moons.png", help="PNG to write (default: moons.png)")
     moons.add_argument("--seed", type=int, default=0)
     moons.set_defaults(run=_moons)
+    broker = sub.add_parser("broker", help="run the embedded Kafka-compatible broker (in-memory) on loopback; "
+                                           "prints its bootstrap address")
+    broker.add_argument("--host", default="127.0.0.1")
+    broker.add_argument("--port", type=int, default=9092)
+    broker.set_defaults(run=_broker)
     return parser
 
 
