@@ -1,0 +1,214 @@
+"""A rank's view of the topic: its partitions, read by a background poller into a bounded
+queue, handed to the train loop as batches cut at a size or a wait, whichever comes first.
+
+Assignment is static and rank-affine: partition p belongs to rank p mod W (assign(), no group
+rebalances). Positions come from the checkpoint when there is one, else from ``start``.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections.abc import Callable, Mapping
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, PositiveFloat, PositiveInt
+
+from .kafka_clients import ClientName, PartitionClient, SourceClientError, make_client
+from .records import KafkaRecord
+
+
+class StartAtTimestamp(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    timestamp_ms: NonNegativeInt
+
+
+class StartAtOffsets(BaseModel):
+    """Explicit next offsets per partition; partitions not listed start at the earliest."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    offsets: dict[int, NonNegativeInt]
+
+
+class SourceSpec(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    bootstrap_servers: str = Field(description="Kafka bootstrap servers, host:port[,host:port].")
+    topic: str
+    client: ClientName = "confluent"
+    start: Literal["earliest", "latest"] | StartAtTimestamp | StartAtOffsets = "earliest"
+    stop_at: Literal["never", "end"] = Field(
+        "never", description="'end': finish once every partition reached the end offset snapshotted "
+                             "at start and a fetch returns nothing more (bounded jobs, benchmarks).")
+    batch_size: PositiveInt = 128
+    max_wait_s: PositiveFloat = Field(0.2, description="A batch is cut after this long even if smaller.")
+    queue_records: PositiveInt = Field(8192, description="Records buffered ahead of the train loop.")
+    fetch_records: PositiveInt = Field(1024, description="Records asked for per poll.")
+    metadata_timeout_s: PositiveFloat = Field(10.0, description="Bound on metadata calls at start.")
+    client_config: dict[str, str] = Field(default_factory=dict,
+                                          description="Passed to the Kafka client (SASL/SSL settings...).")
+
+
+def assigned_partitions(partitions: list[int], rank: int, world_size: int) -> list[int]:
+    """Partition p goes to rank p mod W; a rank may get none (fewer partitions than ranks)."""
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank must be in [0, {world_size}), got {rank}")
+    return [p for p in partitions if p % world_size == rank]
+
+
+class KafkaSource:
+    """Batches of this rank's records. Call :meth:`start`, then :meth:`next_batch` until it
+    returns None (bounded and done); :meth:`close` stops the poller.
+
+    ``next_batch`` returns [] when nothing arrived within ``max_wait_s``, so a rank with empty
+    partitions keeps stepping with the others instead of blocking. Memory stays bounded by
+    ``queue_records`` however much the topic holds. ``positions`` are the next offsets of the
+    records handed out so far (what a checkpoint stores).
+    """
+
+    def __init__(self, spec: SourceSpec, *, rank: int = 0, world_size: int = 1, group_id: str = "cicw",
+                 resume_offsets: Mapping[int, int] | None = None,
+                 client_factory: Callable[[], PartitionClient] | None = None) -> None:
+        self.spec = spec
+        self.rank, self.world_size = rank, world_size
+        self._resume = dict(resume_offsets or {})
+        self._factory = client_factory or (lambda: make_client(spec.client, spec.bootstrap_servers,
+                                                               group_id, spec.client_config,
+                                                               timeout_s=spec.metadata_timeout_s))
+        self._queue: queue.Queue[KafkaRecord] = queue.Queue(maxsize=spec.queue_records)
+        self._stop = threading.Event()
+        self._poller_done = threading.Event()
+        self._error: BaseException | None = None
+        self._thread: threading.Thread | None = None
+        self.partitions: list[int] = []
+        self.positions: dict[int, int] = {}
+        self.end_offsets: dict[int, int] = {}
+        self._start_positions: dict[int, int] = {}
+        self._fetched: dict[int, int] = {}  # poller thread only
+        # Partitions started by timestamp skip records older than it until the first that is not:
+        # exact on a broker that honours ListOffsets by time, and a guard where one does not.
+        self._skip_before_ms: dict[int, int] = {}
+        # Next offsets past skipped records: consumed, so a checkpoint must not send them back.
+        self._skipped_to: dict[int, int] = {}
+
+    def start(self) -> "KafkaSource":
+        client = self._factory()
+        try:
+            spec = self.spec
+            self.partitions = assigned_partitions(client.partitions(spec.topic, spec.metadata_timeout_s),
+                                                  self.rank, self.world_size)
+            self.positions = self._initial_positions(client)
+            self._start_positions = dict(self.positions)
+            if spec.stop_at == "end":
+                self.end_offsets = {p: client.watermarks(spec.topic, p, spec.metadata_timeout_s)[1]
+                                    for p in self.partitions}
+            if self.partitions:
+                client.assign(spec.topic, self.positions)
+        except BaseException:
+            client.close()
+            raise
+        self._thread = threading.Thread(target=self._poll_loop, args=(client,), name="kafka-poller", daemon=True)
+        self._thread.start()
+        return self
+
+    def _initial_positions(self, client: PartitionClient) -> dict[int, int]:
+        spec, out = self.spec, {}
+        timeout = spec.metadata_timeout_s
+        if isinstance(spec.start, StartAtTimestamp):
+            by_time = client.offsets_for_time(spec.topic, self.partitions, spec.start.timestamp_ms, timeout)
+        for p in self.partitions:
+            if p in self._resume:  # the checkpoint, not the group, is the source of truth
+                out[p] = self._resume[p]
+            elif isinstance(spec.start, StartAtOffsets) and p in spec.start.offsets:
+                out[p] = spec.start.offsets[p]
+            elif isinstance(spec.start, StartAtTimestamp):
+                out[p] = by_time[p]
+                self._skip_before_ms[p] = spec.start.timestamp_ms
+            else:
+                low, high = client.watermarks(spec.topic, p, timeout)
+                out[p] = high if spec.start == "latest" else low
+        return out
+
+    def _poll_loop(self, client: PartitionClient) -> None:
+        try:
+            while self.partitions and not self._stop.is_set():
+                records = client.poll(self.spec.fetch_records, 0.1)
+                for rec in records:
+                    self._fetched[rec.partition] = rec.offset + 1
+                    if self._too_old(rec):
+                        continue
+                    while not self._stop.is_set():
+                        try:
+                            self._queue.put(rec, timeout=0.1)  # blocks when full: bounded memory
+                            break
+                        except queue.Full:
+                            continue
+                # The broker's high watermark can trail the true end, so reaching the snapshot
+                # alone is not "consumed everything": also require a fetch that returned nothing.
+                if not records and self.spec.stop_at == "end" and self._reached_end():
+                    break
+        except BaseException as exc:  # surfaced to the train loop by next_batch
+            self._error = exc
+        finally:
+            client.close()
+            self._poller_done.set()
+
+    def _too_old(self, rec: KafkaRecord) -> bool:
+        limit = self._skip_before_ms.get(rec.partition)
+        if limit is None:
+            return False
+        if rec.timestamp_ms is not None and rec.timestamp_ms < limit:
+            self._skipped_to[rec.partition] = rec.offset + 1
+            return True
+        del self._skip_before_ms[rec.partition]
+        return False
+
+    def _reached_end(self) -> bool:
+        return all(self._fetched.get(p, self._start_positions[p]) >= self.end_offsets[p] for p in self.partitions)
+
+    def next_batch(self) -> list[KafkaRecord] | None:
+        """Up to ``batch_size`` records, waiting at most ``max_wait_s``; None once bounded and done."""
+        if self._error is not None:
+            raise SourceClientError(f"kafka poller failed: {self._error}") from self._error
+        batch: list[KafkaRecord] = []
+        deadline = time.monotonic() + self.spec.max_wait_s
+        while len(batch) < self.spec.batch_size:
+            remaining = deadline - time.monotonic()
+            try:
+                batch.append(self._queue.get(timeout=max(remaining, 0.0)) if remaining > 0
+                             else self._queue.get_nowait())
+            except queue.Empty:
+                if self._poller_done.is_set() and self._queue.empty():
+                    if self._error is not None:
+                        raise SourceClientError(f"kafka poller failed: {self._error}") from self._error
+                    if not batch and self.spec.stop_at == "end":
+                        self._advance_positions(batch)
+                        return None
+                    if not batch:  # nothing assigned to this rank: keep the caller's pace
+                        time.sleep(max(deadline - time.monotonic(), 0.0))
+                        return []
+                    break
+                if remaining <= 0:
+                    break
+        self._advance_positions(batch)
+        return batch
+
+    def _advance_positions(self, batch: list[KafkaRecord]) -> None:
+        # Skipped records precede every record handed out from their partition, so the larger
+        # of the two next offsets is the right one.
+        for p, offset in list(self._skipped_to.items()):
+            self.positions[p] = max(self.positions[p], offset)
+        for rec in batch:
+            self.positions[rec.partition] = rec.offset + 1
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+
+    def __enter__(self) -> "KafkaSource":
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
