@@ -48,6 +48,34 @@ def _broker(args: argparse.Namespace) -> int:
     return 0
 
 
+def _produce(args: argparse.Namespace) -> int:
+    from confluent_kafka import Producer
+    from pydantic import ValidationError
+
+    from workers.datasets import DatasetError
+    from workers.kafka_clients import SourceClientError
+    from workers.produce import ProduceSpec, produce
+    from workers.topics import ensure_topic
+
+    fields = {k: v for k, v in vars(args).items() if k not in ("command", "run") and v is not None}
+    try:
+        spec = ProduceSpec(**fields)
+    except ValidationError as exc:
+        for err in exc.errors():
+            print(f"cicw-stream produce: --{'.'.join(map(str, err['loc'])).replace('_', '-')}: {err['msg']}",
+                  file=sys.stderr)
+        return 2
+    try:
+        ensure_topic(spec.bootstrap_servers, spec.topic, spec.partitions)
+        report = produce(spec, Producer({"bootstrap.servers": spec.bootstrap_servers}))
+    except (DatasetError, SourceClientError, RuntimeError) as exc:
+        print(f"cicw-stream produce: {exc}", file=sys.stderr)
+        return 1
+    print(f"{report.records} records to {spec.topic} in {report.seconds:.1f} s "
+          f"({report.corrupted} with a corrupted label)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="cicw-stream",
@@ -63,6 +91,22 @@ def build_parser() -> argparse.ArgumentParser:
     broker.add_argument("--host", default="127.0.0.1")
     broker.add_argument("--port", type=int, default=9092)
     broker.set_defaults(run=_broker)
+    prod = sub.add_parser("produce", help="stream a dataset into a topic, with optional synthetic label noise "
+                                          "(true label kept in the clean_label header)")
+    prod.add_argument("--bootstrap-servers", dest="bootstrap_servers", required=True)
+    prod.add_argument("--topic", required=True)
+    prod.add_argument("--dataset", required=True, help="fashion_mnist, cifar10, npz or csv")
+    prod.add_argument("--path", help="dataset file or folder")
+    prod.add_argument("--split", help="train (default) or test")
+    prod.add_argument("--format", help="record format: raw (default), json or image")
+    prod.add_argument("--noise", help="none (default), symmetric, uniform or asymmetric")
+    prod.add_argument("--rate", type=float, help="noise rate in [0, 1]")
+    prod.add_argument("--seed", type=int)
+    prod.add_argument("--passes", type=int)
+    prod.add_argument("--limit", type=int, help="use only the first N examples")
+    prod.add_argument("--records-per-s", dest="records_per_s", type=float, help="rate limit")
+    prod.add_argument("--partitions", type=int, help="partitions if the topic is created (default 4)")
+    prod.set_defaults(run=_produce)
     return parser
 
 
