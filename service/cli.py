@@ -66,14 +66,42 @@ def _produce(args: argparse.Namespace) -> int:
                   file=sys.stderr)
         return 2
     try:
-        ensure_topic(spec.bootstrap_servers, spec.topic, spec.partitions)
-        report = produce(spec, Producer({"bootstrap.servers": spec.bootstrap_servers}))
+        partitions = ensure_topic(spec.bootstrap_servers, spec.topic, spec.partitions)
+        report = produce(spec, Producer({"bootstrap.servers": spec.bootstrap_servers}), partitions=partitions)
     except (DatasetError, SourceClientError, RuntimeError) as exc:
         print(f"cicw-stream produce: {exc}", file=sys.stderr)
         return 1
     print(f"{report.records} records to {spec.topic} in {report.seconds:.1f} s "
           f"({report.corrupted} with a corrupted label)")
     return 0
+
+
+def _train(args: argparse.Namespace) -> int:
+    import json
+
+    from pydantic import ValidationError
+
+    from workers.job_spec import JobSpec
+    from workers.trainer import run_job
+
+    try:
+        spec = JobSpec.from_file(args.spec)
+    except OSError as exc:
+        print(f"cicw-stream train: cannot read {args.spec}: {exc}", file=sys.stderr)
+        return 2
+    except ValidationError as exc:
+        for err in exc.errors():
+            print(f"cicw-stream train: {args.spec}: {'.'.join(map(str, err['loc']))}: {err['msg']}", file=sys.stderr)
+        return 2
+    result = run_job(spec, ray_address=args.ray_address)
+    summary = {"job_id": spec.job_id, "checkpoint": result.checkpoint_path, "error": result.error,
+               **{k: v for k, v in result.metrics.items() if k != "offsets"}}
+    if args.json:
+        print(json.dumps(summary, default=str))
+    else:
+        for key, value in summary.items():
+            print(f"{key}: {value}")
+    return 1 if result.error else 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -107,6 +135,11 @@ def build_parser() -> argparse.ArgumentParser:
     prod.add_argument("--records-per-s", dest="records_per_s", type=float, help="rate limit")
     prod.add_argument("--partitions", type=int, help="partitions if the topic is created (default 4)")
     prod.set_defaults(run=_produce)
+    train = sub.add_parser("train", help="run one job (a JobSpec in YAML or JSON) in the foreground on Ray Train")
+    train.add_argument("spec", help="job spec file (.yaml, .yml or .json)")
+    train.add_argument("--ray-address", help="an existing Ray cluster (default: start a local one)")
+    train.add_argument("--json", action="store_true", help="print the final summary as JSON")
+    train.set_defaults(run=_train)
     return parser
 
 

@@ -106,18 +106,24 @@ def encode(x: np.ndarray, fmt: str, label: int) -> bytes:
     return buf.getvalue()
 
 
-def _produce(producer: Producer, topic: str, value: bytes, headers: list[tuple[str, bytes]]) -> None:
+def _produce(producer: Producer, topic: str, value: bytes, headers: list[tuple[str, bytes]],
+             partition: int | None) -> None:
+    kwargs = {} if partition is None else {"partition": partition}
     while True:
         try:
-            producer.produce(topic, value=value, headers=headers)
+            producer.produce(topic, value=value, headers=headers, **kwargs)
             return
         except BufferError:  # the client's local queue is full: let it drain, then retry
             producer.flush(1.0)
 
 
-def produce(spec: ProduceSpec, producer: Producer, *, clock: Callable[[], float] = time.monotonic,
-            sleep: Callable[[float], None] = time.sleep) -> ProduceReport:
-    """Write ``passes`` passes over the (noisy) dataset; labels go in headers (json: also "y")."""
+def produce(spec: ProduceSpec, producer: Producer, *, partitions: int | None = None,
+            clock: Callable[[], float] = time.monotonic, sleep: Callable[[float], None] = time.sleep) -> ProduceReport:
+    """Write ``passes`` passes over the (noisy) dataset; labels go in headers (json: also "y").
+
+    With ``partitions``, records go round-robin over them (keyless records would otherwise all
+    land in one partition per producer batch); without, the client's partitioner decides.
+    """
     x, clean = load_examples(spec)
     if spec.limit is not None:
         x, clean = x[: spec.limit], clean[: spec.limit]
@@ -140,7 +146,8 @@ def produce(spec: ProduceSpec, producer: Producer, *, clock: Callable[[], float]
                     sleep(wait)
             headers = [(spec.label_header, str(int(noisy[i])).encode()),
                        (spec.clean_label_header, str(int(clean[i])).encode())]
-            _produce(producer, spec.topic, encode(x[i], spec.format, int(noisy[i])), headers)
+            _produce(producer, spec.topic, encode(x[i], spec.format, int(noisy[i])), headers,
+                     None if partitions is None else sent % partitions)
             sent += 1
     remaining = producer.flush(30.0)
     if remaining:

@@ -83,6 +83,7 @@ def test_produce_then_consume_through_the_broker(kafka_broker: EmbeddedBroker, t
             records += batch
     decoded = decode_batch(records, codec)
     assert len(decoded) == 400 and not decoded.rejected
+    assert decoded.next_offsets == {(topic, p): 134 if p < 1 else 133 for p in range(3)}  # round-robin
     clean = decoded.clean_labels
     assert sorted(clean.tolist()) == sorted((np.arange(200) % 3).tolist() * 2)
     corrupted = float((decoded.targets != clean).float().mean())

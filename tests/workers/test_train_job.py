@@ -1,0 +1,83 @@
+"""A bounded job end to end: real broker, local Ray with 2 workers, DDP, CICW-M, checkpoints."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+from confluent_kafka import Consumer, Producer, TopicPartition
+
+from workers.broker import EmbeddedBroker
+from workers.checkpoints import load_state
+from workers.dead_letters import dlq_topic
+from workers.job_spec import JobSpec
+from workers.produce import ProduceSpec, produce
+from workers.topics import ensure_topic
+from workers.trainer import run_job
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def local_ray() -> Iterator[None]:
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+def test_bounded_job_consumes_every_record_once_and_checkpoints_offsets(
+        kafka_broker: EmbeddedBroker, local_ray: None, tmp_path: Path) -> None:
+    topic = f"job-{uuid.uuid4().hex[:8]}"
+    ensure_topic(kafka_broker.bootstrap, topic, 3)  # fewer partitions than... and not divisible by 2 workers
+    ensure_topic(kafka_broker.bootstrap, dlq_topic(topic), 1)
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 3, 600)
+    x = (rng.normal(size=(600, 8)) + np.eye(3, 8)[y] * 3).astype(np.float32)
+    np.savez(tmp_path / "d.npz", x=x, y=y)
+    bootstrap = kafka_broker.bootstrap
+    produce(ProduceSpec(bootstrap_servers=bootstrap, topic=topic, dataset="npz", path=str(tmp_path / "d.npz"),
+                        format="json", noise="symmetric", rate=0.2), Producer({"bootstrap.servers": bootstrap}),
+            partitions=3)
+    garbage = Producer({"bootstrap.servers": bootstrap})
+    for p in range(3):
+        garbage.produce(topic, value=b"not json", partition=p)
+    garbage.flush(10)
+
+    spec = JobSpec.model_validate({
+        "job_id": "test-" + uuid.uuid4().hex[:6],
+        "source": {"bootstrap_servers": bootstrap, "topic": topic, "stop_at": "end", "batch_size": 32},
+        "codec": {"format": {"kind": "json"}, "input_shape": [8], "num_classes": 3},
+        "model": {"name": "mlp", "options": {"hidden": [32]}},
+        "cicw": {"method": "cicw_m", "burn_in_steps": 3, "anneal_steps": 3},
+        "checkpoint": {"every_steps": 4, "keep": 2, "storage_path": str(tmp_path / "ckpt")},
+        "report_every_steps": 2,
+    })
+    result = run_job(spec)
+    assert result.error is None, result.error
+    assert result.metrics.get("final") is True
+    assert result.metrics["examples"] == 600 and result.metrics["rejected"] == 3
+    state = load_state(result.checkpoint_path)
+    per_partition = {p: 200 + 1 for p in range(3)}  # 600 records round-robin + 1 garbage each
+    assert state["offsets"] == per_partition
+    assert state["counters"]["step"] == result.metrics["step"] > 0
+
+    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": spec.consumer_group})
+    committed = consumer.committed([TopicPartition(topic, p) for p in range(3)], timeout=10)
+    consumer.close()
+    assert {tp.partition: tp.offset for tp in committed} == per_partition
+
+
+def test_train_command_rejects_a_bad_spec_naming_the_field(tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
+    from service.cli import main as cli_main
+
+    bad = tmp_path / "job.yaml"
+    bad.write_text("job_id: ok\nsource: {bootstrap_servers: 'x:1', topic: t}\n"
+                   "codec: {input_shape: [4], num_classes: 3}\ncicw: {method: bogus}\n")
+    assert cli_main(["train", str(bad)]) == 2
+    assert "cicw.method" in capsys.readouterr().err
+    assert cli_main(["train", str(tmp_path / "missing.yaml")]) == 2

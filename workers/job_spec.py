@@ -1,0 +1,75 @@
+"""JobSpec: everything one training job needs, as one validated model. The CLI reads it from
+YAML or JSON, and the REST service will accept the same document."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, PositiveFloat, PositiveInt
+
+from cicw import CICWConfig
+
+from .records import CodecSpec
+from .source import SourceSpec
+
+
+class ModelSpec(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    name: str = Field("mlp", description="A registered model: mlp, small_cnn, preact_resnet18.")
+    options: dict[str, Any] = Field(default_factory=dict, description="Keyword arguments of the factory.")
+
+
+class OptimizerSpec(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    name: Literal["sgd", "adamw"] = "sgd"
+    lr: PositiveFloat = 0.05
+    momentum: float = Field(0.9, ge=0, lt=1)
+    nesterov: bool = True
+    weight_decay: float = Field(5e-4, ge=0)
+    lr_milestones: list[PositiveInt] = Field(default_factory=list, description="Steps where lr *= lr_gamma.")
+    lr_gamma: PositiveFloat = 0.1
+
+
+class ScalingSpec(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    num_workers: PositiveInt = 2
+    use_gpu: bool = False
+    cpus_per_worker: PositiveFloat = 1.0
+
+
+class CheckpointSpec(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    every_steps: PositiveInt | None = Field(100, description="Checkpoint every N optimizer steps.")
+    every_s: PositiveFloat | None = Field(None, description="... and/or every T seconds.")
+    keep: PositiveInt = Field(3, description="Checkpoints kept (the newest).")
+    storage_path: str = Field("./checkpoints", description="Local directory or pyarrow filesystem URI (s3://...).")
+
+
+class JobSpec(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    job_id: str = Field(pattern=r"^[a-z0-9][a-z0-9-]{0,62}$", description="Also names the consumer group cicw-<job_id>.")
+    source: SourceSpec
+    codec: CodecSpec
+    model: ModelSpec = Field(default_factory=ModelSpec)
+    optimizer: OptimizerSpec = Field(default_factory=OptimizerSpec)
+    cicw: CICWConfig = Field(default_factory=CICWConfig)
+    scaling: ScalingSpec = Field(default_factory=ScalingSpec)
+    checkpoint: CheckpointSpec = Field(default_factory=CheckpointSpec)
+    max_steps: PositiveInt | None = Field(None, description="Stop after this many optimizer steps.")
+    report_every_steps: PositiveInt = Field(10, description="Metrics are reported this often.")
+    max_failures: NonNegativeInt = Field(2, description="Worker failures survived by restarting from the checkpoint.")
+
+    @property
+    def consumer_group(self) -> str:
+        return f"cicw-{self.job_id}"
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> "JobSpec":
+        """Read YAML (.yaml/.yml) or JSON; raises pydantic's ValidationError naming the field."""
+        text = Path(path).read_text()
+        data = json.loads(text) if str(path).endswith(".json") else yaml.safe_load(text)
+        return cls.model_validate(data)

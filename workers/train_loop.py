@@ -1,0 +1,162 @@
+"""The loop each Ray Train worker runs: Kafka partitions -> codec -> CICW step -> checkpoint.
+
+Order of durable steps at a checkpoint (kept in this order):
+  1. every rank flushes its dead letters (records the checkpoint counts as consumed are safe);
+  2. rank 0 gathers every rank's next offsets and writes one checkpoint with the model state;
+  3. ray.train.report persists it (Ray Train storage);
+  4. only then rank 0 commits those offsets to the consumer group cicw-<job> (for lag tools;
+     the checkpoint, not the group, is the source of truth on resume).
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from cicw import CICWLoss
+
+from .checkpoints import load_state, save_state
+from .codecs import decode_batch
+from .dead_letters import DeadLetterSink
+from .job_spec import JobSpec
+from .models import build_model
+from .source import KafkaSource
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    import ray.train
+    import ray.train.torch
+    from confluent_kafka import Consumer, Producer, TopicPartition
+
+    spec = JobSpec.model_validate(config["spec"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    distributed = dist.is_available() and dist.is_initialized()
+
+    state: dict[str, Any] | None = None
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as d:
+            state = load_state(d)
+
+    model = build_model(spec.model.name, in_shape=spec.codec.input_shape, num_classes=spec.codec.num_classes,
+                        **spec.model.options)
+    if state is not None:
+        model.load_state_dict(state["model"])
+    model = ray.train.torch.prepare_model(model)  # DDP when world > 1; moves to the device
+    opt_spec = spec.optimizer
+    if opt_spec.name == "sgd":
+        optimizer: torch.optim.Optimizer = torch.optim.SGD(model.parameters(), lr=opt_spec.lr, momentum=opt_spec.momentum,
+                                                           nesterov=opt_spec.nesterov and opt_spec.momentum > 0,
+                                                           weight_decay=opt_spec.weight_decay)
+    else:
+        optimizer = torch.optim.AdamW(model.parameters(), lr=opt_spec.lr, weight_decay=opt_spec.weight_decay)
+    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=opt_spec.lr_milestones,
+                                                     gamma=opt_spec.lr_gamma)
+    loss_fn = CICWLoss(spec.cicw, num_classes=spec.codec.num_classes,
+                       generator=torch.Generator(device=device).manual_seed(1234))
+    counters = {"step": 0, "examples": 0, "rejected": 0}
+    offsets: dict[int, int] = {}
+    if state is not None:
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        loss_fn.load_state_dict(state["loss"])
+        counters.update(state["counters"])
+        offsets = {int(p): int(o) for p, o in state["offsets"].items()}
+
+    source = KafkaSource(spec.source, rank=rank, world_size=world, group_id=spec.consumer_group,
+                         resume_offsets=offsets).start()
+    dlq = DeadLetterSink(Producer({"bootstrap.servers": spec.source.bootstrap_servers,
+                                   **spec.source.client_config}))
+    committer = (Consumer({"bootstrap.servers": spec.source.bootstrap_servers, "group.id": spec.consumer_group,
+                           "enable.auto.commit": False, **spec.source.client_config}) if rank == 0 else None)
+
+    def all_ranks_sum(values: list[float]) -> list[float]:
+        t = torch.tensor(values, dtype=torch.float64)
+        if distributed:
+            dist.all_reduce(t)
+        return t.tolist()
+
+    def save_and_report(metrics: dict[str, Any]) -> None:
+        dlq.flush()  # Step 1
+        positions = dict(source.positions)
+        gathered: list[dict[int, int]] = [positions]
+        if distributed:
+            gathered = [{} for _ in range(world)]
+            dist.all_gather_object(gathered, positions)
+        all_offsets = {**offsets, **{p: o for g in gathered for p, o in g.items()}}
+        ckpt = None
+        if rank == 0:  # Step 2
+            directory = tempfile.mkdtemp(prefix="cicw-ckpt-")
+            raw_model = model.module if hasattr(model, "module") else model
+            save_state(directory, {"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
+                                   "scheduler": scheduler.state_dict(), "loss": loss_fn.state_dict(),
+                                   "counters": dict(counters), "offsets": all_offsets,
+                                   "topic": spec.source.topic, "job_id": spec.job_id})
+            ckpt = ray.train.Checkpoint.from_directory(directory)
+        ray.train.report({**metrics, "offsets": {str(p): o for p, o in sorted(all_offsets.items())}},
+                         checkpoint=ckpt)  # Step 3
+        if committer is not None and all_offsets:  # Step 4
+            committer.commit(offsets=[TopicPartition(spec.source.topic, p, o) for p, o in all_offsets.items()],
+                             asynchronous=False)
+
+    last_checkpoint = time.monotonic()
+    window = {"loss": 0.0, "correct": 0.0, "seen": 0.0, "steps": 0.0}
+    try:
+        while spec.max_steps is None or counters["step"] < spec.max_steps:
+            records = source.next_batch()
+            batch = decode_batch(records or [], spec.codec)
+            dlq.send(batch.rejected)
+            # One collective decides, for every rank alike, whether the stream is done and how
+            # many examples this step has; a step with none anywhere is skipped, not taken.
+            n_global, not_done, rejected = all_ranks_sum([len(batch), float(records is not None),
+                                                          len(batch.rejected)])
+            counters["rejected"] += int(rejected)
+            if not_done == 0 and n_global == 0:
+                break
+            if n_global == 0:
+                continue
+            x, y = batch.inputs.to(device), batch.targets.to(device)
+            out = loss_fn(model, x, y)
+            # DDP averages gradients over ranks; each rank's loss is its share of the global
+            # weighted loss, so scaling by the world size yields the global loss's gradient.
+            (out.loss * world).backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            scheduler.step()
+            loss_fn.step()
+            counters["step"] += 1
+            counters["examples"] += int(n_global)
+            hard = y.dim() == 1
+            if out.logits is not None and hard:  # prequential: predictions made before this update
+                window["correct"] += float((out.logits.argmax(1) == y).sum())
+                window["seen"] += len(y)
+            window["loss"] += float(out.loss.detach()) * world
+            window["steps"] += 1
+            step = counters["step"]
+            due = (spec.checkpoint.every_steps is not None and step % spec.checkpoint.every_steps == 0) or (
+                spec.checkpoint.every_s is not None and time.monotonic() - last_checkpoint >= spec.checkpoint.every_s)
+            if step % spec.report_every_steps == 0 or due:
+                correct, seen = all_ranks_sum([window["correct"], window["seen"]])
+                metrics = {"step": step, "examples": counters["examples"], "rejected": counters["rejected"],
+                           "loss": window["loss"] / max(window["steps"], 1),
+                           "prequential_accuracy": correct / seen if seen else float("nan"),
+                           **{f"cicw_{k}": v for k, v in out.diagnostics.as_dict().items()
+                              if not isinstance(v, list)}}
+                window = {"loss": 0.0, "correct": 0.0, "seen": 0.0, "steps": 0.0}
+                if due:
+                    save_and_report(metrics)
+                    last_checkpoint = time.monotonic()
+                else:
+                    ray.train.report(metrics)
+        save_and_report({"step": counters["step"], "examples": counters["examples"],
+                         "rejected": counters["rejected"], "final": True})
+    finally:
+        source.close()
+        if committer is not None:
+            committer.close()
