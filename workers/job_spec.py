@@ -62,6 +62,9 @@ class JobSpec(BaseModel):
     max_steps: PositiveInt | None = Field(None, description="Stop after this many optimizer steps.")
     report_every_steps: PositiveInt = Field(10, description="Metrics are reported this often.")
     max_failures: NonNegativeInt = Field(2, description="Worker failures survived by restarting from the checkpoint.")
+    record_log_dir: str | None = Field(
+        None, description="Audit log: each rank appends, per optimizer step, the (partition, offset) of the "
+                          "records it trained on, as JSON lines (rank<N>.jsonl). Off by default.")
 
     @property
     def consumer_group(self) -> str:

@@ -10,8 +10,11 @@ Order of durable steps at a checkpoint (kept in this order):
 
 from __future__ import annotations
 
+import json
+import os
 import tempfile
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -105,6 +108,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             committer.commit(offsets=[TopicPartition(spec.source.topic, p, o) for p, o in all_offsets.items()],
                              asynchronous=False)
 
+    record_log = None
+    if spec.record_log_dir is not None:
+        Path(spec.record_log_dir).mkdir(parents=True, exist_ok=True)
+        record_log = open(Path(spec.record_log_dir) / f"rank{rank}.jsonl", "a")  # noqa: SIM115 - closed below
+    resumed_from = counters["step"]
     last_checkpoint = time.monotonic()
     window = {"loss": 0.0, "correct": 0.0, "seen": 0.0, "steps": 0.0}
     try:
@@ -132,6 +140,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             loss_fn.step()
             counters["step"] += 1
             counters["examples"] += int(n_global)
+            if record_log is not None:
+                trained = [[r.partition, r.offset] for r in (records or [])
+                           if all(r is not rej.record for rej in batch.rejected)]
+                record_log.write(json.dumps({"pid": os.getpid(), "resumed_from": resumed_from,
+                                             "step": counters["step"], "records": trained}) + "\n")
+                record_log.flush()
             hard = y.dim() == 1
             if out.logits is not None and hard:  # prequential: predictions made before this update
                 window["correct"] += float((out.logits.argmax(1) == y).sum())
@@ -160,3 +174,5 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         source.close()
         if committer is not None:
             committer.close()
+        if record_log is not None:
+            record_log.close()
