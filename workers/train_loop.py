@@ -122,8 +122,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             dlq.send(batch.rejected)
             # One collective decides, for every rank alike, whether the stream is done and how
             # many examples this step has; a step with none anywhere is skipped, not taken.
-            n_global, not_done, rejected = all_ranks_sum([len(batch), float(records is not None),
-                                                          len(batch.rejected)])
+            # The time-based checkpoint trigger rides on the same reduction, so every rank makes
+            # the same decision (each rank's own clock could disagree and deadlock the report).
+            time_due = float(spec.checkpoint.every_s is not None
+                             and time.monotonic() - last_checkpoint >= spec.checkpoint.every_s)
+            n_global, not_done, rejected, time_due = all_ranks_sum(
+                [len(batch), float(records is not None), len(batch.rejected), time_due])
             counters["rejected"] += int(rejected)
             if not_done == 0 and n_global == 0:
                 break
@@ -153,8 +157,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             window["loss"] += float(out.loss.detach()) * world
             window["steps"] += 1
             step = counters["step"]
-            due = (spec.checkpoint.every_steps is not None and step % spec.checkpoint.every_steps == 0) or (
-                spec.checkpoint.every_s is not None and time.monotonic() - last_checkpoint >= spec.checkpoint.every_s)
+            due = (spec.checkpoint.every_steps is not None and step % spec.checkpoint.every_steps == 0) or time_due > 0
             if step % spec.report_every_steps == 0 or due:
                 correct, seen = all_ranks_sum([window["correct"], window["seen"]])
                 metrics = {"step": step, "examples": counters["examples"], "rejected": counters["rejected"],
