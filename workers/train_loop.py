@@ -154,14 +154,14 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             if out.logits is not None and hard:  # prequential: predictions made before this update
                 window["correct"] += float((out.logits.argmax(1) == y).sum())
                 window["seen"] += len(y)
-            window["loss"] += float(out.loss.detach()) * world
+            window["loss"] += float(out.loss.detach())  # this rank's share; summed over ranks below
             window["steps"] += 1
             step = counters["step"]
             due = (spec.checkpoint.every_steps is not None and step % spec.checkpoint.every_steps == 0) or time_due > 0
             if step % spec.report_every_steps == 0 or due:
-                correct, seen = all_ranks_sum([window["correct"], window["seen"]])
+                correct, seen, loss_sum = all_ranks_sum([window["correct"], window["seen"], window["loss"]])
                 metrics = {"step": step, "examples": counters["examples"], "rejected": counters["rejected"],
-                           "loss": window["loss"] / max(window["steps"], 1),
+                           "loss": loss_sum / max(window["steps"], 1),
                            "prequential_accuracy": correct / seen if seen else float("nan"),
                            **{f"cicw_{k}": v for k, v in out.diagnostics.as_dict().items()
                               if not isinstance(v, list)}}
