@@ -63,7 +63,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                                                      gamma=opt_spec.lr_gamma)
     loss_fn = CICWLoss(spec.cicw, num_classes=spec.codec.num_classes,
                        generator=torch.Generator(device=device).manual_seed(1234))
-    counters = {"step": 0, "examples": 0, "rejected": 0}
+    counters = {"step": 0, "examples": 0, "rejected": 0, "noise_down": 0, "noise_corrupted": 0, "noise_hit": 0}
     offsets: dict[int, int] = {}
     if state is not None:
         optimizer.load_state_dict(state["optimizer"])
@@ -108,13 +108,31 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             committer.commit(offsets=[TopicPartition(spec.source.topic, p, o) for p, o in all_offsets.items()],
                              asynchronous=False)
 
+    def window_metrics(w: dict[str, float]) -> dict[str, Any]:
+        """Counters plus the metrics of the steps since the last report, over all ranks."""
+        correct, seen, loss_sum, down, corrupted, hit = all_ranks_sum(
+            [w["correct"], w["seen"], w["loss"], w["down"], w["corrupted"], w["down_and_corrupted"]])
+        # Noise detection is reported over the job's whole life (every rank adds the same sums).
+        counters["noise_down"] += int(down)
+        counters["noise_corrupted"] += int(corrupted)
+        counters["noise_hit"] += int(hit)
+        return {"step": counters["step"], "examples": counters["examples"], "rejected": counters["rejected"],
+                "loss": loss_sum / w["steps"] if w["steps"] else float("nan"),
+                "prequential_accuracy": correct / seen if seen else float("nan"),
+                "noise_precision": (counters["noise_hit"] / counters["noise_down"]
+                                    if counters["noise_down"] else float("nan")),
+                "noise_recall": (counters["noise_hit"] / counters["noise_corrupted"]
+                                 if counters["noise_corrupted"] else float("nan"))}
+
     record_log = None
     if spec.record_log_dir is not None:
         Path(spec.record_log_dir).mkdir(parents=True, exist_ok=True)
         record_log = open(Path(spec.record_log_dir) / f"rank{rank}.jsonl", "a")  # noqa: SIM115 - closed below
     resumed_from = counters["step"]
     last_checkpoint = time.monotonic()
-    window = {"loss": 0.0, "correct": 0.0, "seen": 0.0, "steps": 0.0}
+    fresh_window = {"loss": 0.0, "correct": 0.0, "seen": 0.0, "steps": 0.0, "down": 0.0, "corrupted": 0.0,
+                    "down_and_corrupted": 0.0}
+    window = dict(fresh_window)
     try:
         while spec.max_steps is None or counters["step"] < spec.max_steps:
             records = source.next_batch()
@@ -151,6 +169,16 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                                              "step": counters["step"], "records": trained}) + "\n")
                 record_log.flush()
             hard = y.dim() == 1
+            if hard and not loss_fn.schedule.in_burn_in:
+                # Records that carry their true label (synthetic noise) tell how well the weights
+                # find the noise: "down-weighted" (n*w < 1/4, as in the diagnostics) against
+                # "label was corrupted", counted over records with a clean label.
+                known = batch.clean_labels.to(device) >= 0
+                corrupted = known & (batch.clean_labels.to(device) != y)
+                down = known & (out.weights * n_global < 0.25)
+                window["down_and_corrupted"] += float((down & corrupted).sum())
+                window["down"] += float(down.sum())
+                window["corrupted"] += float(corrupted.sum())
             if out.logits is not None and hard:  # prequential: predictions made before this update
                 window["correct"] += float((out.logits.argmax(1) == y).sum())
                 window["seen"] += len(y)
@@ -159,20 +187,15 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             step = counters["step"]
             due = (spec.checkpoint.every_steps is not None and step % spec.checkpoint.every_steps == 0) or time_due > 0
             if step % spec.report_every_steps == 0 or due:
-                correct, seen, loss_sum = all_ranks_sum([window["correct"], window["seen"], window["loss"]])
-                metrics = {"step": step, "examples": counters["examples"], "rejected": counters["rejected"],
-                           "loss": loss_sum / max(window["steps"], 1),
-                           "prequential_accuracy": correct / seen if seen else float("nan"),
-                           **{f"cicw_{k}": v for k, v in out.diagnostics.as_dict().items()
-                              if not isinstance(v, list)}}
-                window = {"loss": 0.0, "correct": 0.0, "seen": 0.0, "steps": 0.0}
+                metrics = {**window_metrics(window), **{f"cicw_{k}": v for k, v in out.diagnostics.as_dict().items()
+                                                        if not isinstance(v, list)}}
+                window = dict(fresh_window)
                 if due:
                     save_and_report(metrics)
                     last_checkpoint = time.monotonic()
                 else:
                     ray.train.report(metrics)
-        save_and_report({"step": counters["step"], "examples": counters["examples"],
-                         "rejected": counters["rejected"], "final": True})
+        save_and_report({**window_metrics(window), "final": True})
     finally:
         source.close()
         if committer is not None:

@@ -66,6 +66,9 @@ def test_bounded_job_consumes_every_record_once_and_checkpoints_offsets(
     result = run_job(spec)
     assert result.error is None, result.error
     assert result.metrics.get("final") is True
+    # 20% of labels flipped (clean label in a header): down-weighted records are mostly the
+    # flipped ones (chance level would be 0.2).
+    assert result.metrics["noise_precision"] >= 0.5 and result.metrics["noise_recall"] > 0
     assert result.metrics["examples"] == 600 and result.metrics["rejected"] == 3
     state = load_state(result.checkpoint_path)
     per_partition = {p: 200 + 1 for p in range(3)}  # 600 records round-robin + 1 garbage each
