@@ -76,7 +76,11 @@ class KafkaSource:
         self._factory = client_factory or (lambda: make_client(spec.client, spec.bootstrap_servers,
                                                                group_id, spec.client_config,
                                                                timeout_s=spec.metadata_timeout_s))
-        self._queue: queue.Queue[KafkaRecord] = queue.Queue(maxsize=spec.queue_records)
+        # Whole fetched chunks travel through the queue (one put/get per fetch, not per record);
+        # its bound in chunks keeps about queue_records records buffered at most.
+        self._queue: queue.Queue[list[KafkaRecord]] = queue.Queue(
+            maxsize=max(1, spec.queue_records // spec.fetch_records))
+        self._carry: list[KafkaRecord] = []
         self._stop = threading.Event()
         self._poller_done = threading.Event()
         self._error: BaseException | None = None
@@ -134,13 +138,14 @@ class KafkaSource:
         try:
             while self.partitions and not self._stop.is_set():
                 records = client.poll(self.spec.fetch_records, 0.1)
-                for rec in records:
-                    self._fetched[rec.partition] = rec.offset + 1
-                    if self._too_old(rec):
-                        continue
-                    while not self._stop.is_set():
+                if records:
+                    for rec in records:
+                        self._fetched[rec.partition] = rec.offset + 1
+                    if self._skip_before_ms:
+                        records = [rec for rec in records if not self._too_old(rec)]
+                    while records and not self._stop.is_set():
                         try:
-                            self._queue.put(rec, timeout=0.1)  # blocks when full: bounded memory
+                            self._queue.put(records, timeout=0.1)  # blocks when full: bounded memory
                             break
                         except queue.Full:
                             continue
@@ -171,15 +176,19 @@ class KafkaSource:
         """Up to ``batch_size`` records, waiting at most ``max_wait_s``; None once bounded and done."""
         if self._error is not None:
             raise SourceClientError(f"kafka poller failed: {self._error}") from self._error
-        batch: list[KafkaRecord] = []
+        size = self.spec.batch_size
+        batch, self._carry = self._carry[:size], self._carry[size:]
         deadline = time.monotonic() + self.spec.max_wait_s
-        while len(batch) < self.spec.batch_size:
+        while len(batch) < size:
             remaining = deadline - time.monotonic()
             try:
-                batch.append(self._queue.get(timeout=max(remaining, 0.0)) if remaining > 0
-                             else self._queue.get_nowait())
+                chunk = (self._queue.get(timeout=max(remaining, 0.0)) if remaining > 0
+                         else self._queue.get_nowait())
+                take = size - len(batch)
+                batch.extend(chunk[:take])
+                self._carry = chunk[take:]
             except queue.Empty:
-                if self._poller_done.is_set() and self._queue.empty():
+                if self._poller_done.is_set() and self._queue.empty() and not self._carry:
                     if self._error is not None:
                         raise SourceClientError(f"kafka poller failed: {self._error}") from self._error
                     if not batch and self.spec.stop_at == "end":
