@@ -80,10 +80,12 @@ class ConfluentClient:
                 for tp in found}
 
     def poll(self, max_records: int, timeout_s: float) -> list[KafkaRecord]:
+        from confluent_kafka import KafkaError
+
         out = []
         for m in self._consumer.consume(num_messages=max_records, timeout=timeout_s):
             if m.error() is not None:
-                if m.error().code() == -191:  # _PARTITION_EOF: informational
+                if m.error().code() == KafkaError._PARTITION_EOF:  # informational, not a failure
                     continue
                 raise SourceClientError(f"fetch failed: {m.error()}")
             ts_type, ts = m.timestamp()
