@@ -16,6 +16,11 @@ class SourceClientError(RuntimeError):
     """The Kafka client failed (broker unreachable, unknown topic, ...); wraps the library's error."""
 
 
+class TransientClientError(SourceClientError):
+    """A failure the client recovers from by itself (broker down, request timed out): the source
+    reports a stall and keeps polling rather than failing the job."""
+
+
 class PartitionClient(Protocol):
     def partitions(self, topic: str, timeout_s: float) -> list[int]: ...
     def assign(self, topic: str, positions: Mapping[int, int]) -> None: ...
@@ -23,6 +28,8 @@ class PartitionClient(Protocol):
     def offsets_for_time(self, topic: str, partitions: list[int], timestamp_ms: int,
                          timeout_s: float) -> dict[int, int]: ...
     def poll(self, max_records: int, timeout_s: float) -> list[KafkaRecord]: ...
+    def cached_high_watermark(self, topic: str, partition: int) -> int | None:
+        """The high watermark the last fetch response carried (no request); None if unknown."""
     def close(self) -> None: ...
 
 
@@ -66,7 +73,7 @@ class ConfluentClient:
         try:
             low, high = self._consumer.get_watermark_offsets(TopicPartition(topic, partition), timeout=timeout_s)
         except KafkaException as exc:
-            raise SourceClientError(f"cannot read watermarks of {topic}[{partition}]: {exc}") from exc
+            raise TransientClientError(f"cannot read watermarks of {topic}[{partition}]: {exc}") from exc
         return int(low), int(high)
 
     def offsets_for_time(self, topic: str, partitions: list[int], timestamp_ms: int,
@@ -84,15 +91,23 @@ class ConfluentClient:
 
         out = []
         for m in self._consumer.consume(num_messages=max_records, timeout=timeout_s):
-            if m.error() is not None:
-                if m.error().code() == KafkaError._PARTITION_EOF:  # informational, not a failure
+            err = m.error()
+            if err is not None:
+                if err.code() == KafkaError._PARTITION_EOF:  # informational, not a failure
                     continue
-                raise SourceClientError(f"fetch failed: {m.error()}")
+                # librdkafka reconnects and retries by itself unless the error is fatal.
+                raise (SourceClientError if err.fatal() else TransientClientError)(f"fetch failed: {err}")
             ts_type, ts = m.timestamp()
             out.append(KafkaRecord(m.topic(), m.partition(), m.offset(), m.value(), m.key(),
                                    tuple((k, v if v is not None else b"") for k, v in (m.headers() or ())),
                                    ts if ts_type else None))
         return out
+
+    def cached_high_watermark(self, topic: str, partition: int) -> int | None:
+        from confluent_kafka import TopicPartition
+
+        high = self._consumer.get_watermark_offsets(TopicPartition(topic, partition), cached=True)[1]
+        return int(high) if high >= 0 else None
 
     def close(self) -> None:
         self._consumer.close()
@@ -135,9 +150,14 @@ class KafkaPythonClient:
             self._consumer.seek(tps[p], offset)
 
     def watermarks(self, topic: str, partition: int, timeout_s: float) -> tuple[int, int]:
+        from kafka.errors import KafkaError
+
         tp = self._tp(topic, partition)
-        low = self._consumer.beginning_offsets([tp])[tp]
-        high = self._consumer.end_offsets([tp])[tp]
+        try:
+            low = self._consumer.beginning_offsets([tp], timeout_ms=int(timeout_s * 1000))[tp]
+            high = self._consumer.end_offsets([tp], timeout_ms=int(timeout_s * 1000))[tp]
+        except KafkaError as exc:  # KafkaTimeoutError while the broker does not answer
+            raise TransientClientError(f"cannot read watermarks of {topic}[{partition}]: {exc!r}") from exc
         return int(low), int(high)
 
     def offsets_for_time(self, topic: str, partitions: list[int], timestamp_ms: int,
@@ -148,10 +168,20 @@ class KafkaPythonClient:
                                else self.watermarks(topic, tp.partition, timeout_s)[1]) for tp in tps}
 
     def poll(self, max_records: int, timeout_s: float) -> list[KafkaRecord]:
-        batches = self._consumer.poll(timeout_ms=int(timeout_s * 1000), max_records=max_records)
+        from kafka.errors import KafkaError
+
+        try:
+            batches = self._consumer.poll(timeout_ms=int(timeout_s * 1000), max_records=max_records)
+        except KafkaError as exc:
+            if getattr(exc, "retriable", False):
+                raise TransientClientError(f"fetch failed: {exc!r}") from exc
+            raise SourceClientError(f"fetch failed: {exc!r}") from exc
         return [KafkaRecord(r.topic, r.partition, r.offset, r.value, r.key,
                             tuple((k, v if v is not None else b"") for k, v in (r.headers or ())), r.timestamp)
                 for records in batches.values() for r in records]
+
+    def cached_high_watermark(self, topic: str, partition: int) -> int | None:
+        return self._consumer.highwater(self._tp(topic, partition))
 
     def close(self) -> None:
         self._consumer.close()

@@ -15,7 +15,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, PositiveFloat, PositiveInt
 
-from .kafka_clients import ClientName, PartitionClient, SourceClientError, make_client
+from .kafka_clients import ClientName, PartitionClient, SourceClientError, TransientClientError, make_client
 from .records import KafkaRecord
 
 
@@ -46,6 +46,12 @@ class SourceSpec(BaseModel):
     queue_records: PositiveInt = Field(8192, description="Records buffered ahead of the train loop.")
     fetch_records: PositiveInt = Field(1024, description="Records asked for per poll.")
     metadata_timeout_s: PositiveFloat = Field(10.0, description="Bound on metadata calls at start.")
+    health_check_s: PositiveFloat = Field(
+        2.0, description="When no record arrived for this long, ask the broker for the partitions' end "
+                         "offsets: an answer means 'no new data' (and gives the lag), none means a stall.")
+    stall_deadline_s: PositiveFloat | None = Field(
+        300.0, description="Fail the job once the broker has been unreachable this long; shorter stalls "
+                           "are reported and training continues when it returns. None: wait forever.")
     client_config: dict[str, str] = Field(default_factory=dict,
                                           description="Passed to the Kafka client (SASL/SSL settings...).")
 
@@ -69,7 +75,8 @@ class KafkaSource:
 
     def __init__(self, spec: SourceSpec, *, rank: int = 0, world_size: int = 1, group_id: str = "cicw",
                  resume_offsets: Mapping[int, int] | None = None,
-                 client_factory: Callable[[], PartitionClient] | None = None) -> None:
+                 client_factory: Callable[[], PartitionClient] | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.spec = spec
         self.rank, self.world_size = rank, world_size
         self._resume = dict(resume_offsets or {})
@@ -95,6 +102,12 @@ class KafkaSource:
         self._skip_before_ms: dict[int, int] = {}
         # Next offsets past skipped records: consumed, so a checkpoint must not send them back.
         self._skipped_to: dict[int, int] = {}
+        # Broker health, written by the poller only: the last time the broker answered (records or
+        # a health check), the failure seen since (None while healthy), and end offsets for the lag.
+        self._clock = clock
+        self._last_contact = clock()
+        self._trouble: str | None = None
+        self._high: dict[int, int] = {}
 
     def start(self) -> "KafkaSource":
         client = self._factory()
@@ -136,8 +149,22 @@ class KafkaSource:
 
     def _poll_loop(self, client: PartitionClient) -> None:
         try:
+            last_check = self._clock()
             while self.partitions and not self._stop.is_set():
-                records = client.poll(self.spec.fetch_records, 0.1)
+                try:
+                    records = client.poll(self.spec.fetch_records, 0.1)
+                except TransientClientError as exc:  # the client reconnects; the deadline bounds the wait
+                    self._trouble, records = str(exc), []
+                now = self._clock()
+                if records:
+                    self._last_contact, self._trouble = now, None
+                    for p in self.partitions:
+                        high = client.cached_high_watermark(self.spec.topic, p)
+                        if high is not None:
+                            self._high[p] = high
+                elif now - last_check >= self.spec.health_check_s:
+                    last_check = now
+                    self._check_broker(client, now)
                 if records:
                     for rec in records:
                         self._fetched[rec.partition] = rec.offset + 1
@@ -158,6 +185,29 @@ class KafkaSource:
         finally:
             client.close()
             self._poller_done.set()
+
+    def _check_broker(self, client: PartitionClient, now: float) -> None:
+        """An idle fetch loop cannot tell 'no new data' from 'broker gone': ask for end offsets."""
+        try:
+            for p in self.partitions:
+                self._high[p] = client.watermarks(self.spec.topic, p, self.spec.metadata_timeout_s)[1]
+        except TransientClientError as exc:
+            self._trouble = str(exc)
+            return
+        self._last_contact, self._trouble = now, None
+
+    def stalled_for(self) -> float:
+        """Seconds since the broker last answered, while it is failing to; 0.0 when healthy."""
+        return self._clock() - self._last_contact if self._trouble is not None else 0.0
+
+    @property
+    def trouble(self) -> str | None:
+        """The client's last error since the broker last answered; None when healthy."""
+        return self._trouble
+
+    def lag(self) -> int:
+        """Records on this rank's partitions not yet handed out, by the last known end offsets."""
+        return sum(max(high - self.positions.get(p, high), 0) for p, high in list(self._high.items()))
 
     def _too_old(self, rec: KafkaRecord) -> bool:
         limit = self._skip_before_ms.get(rec.partition)

@@ -123,3 +123,37 @@ def test_unreachable_broker_fails_fast_with_a_clear_error(client: str) -> None:
     with pytest.raises(SourceClientError, match="cannot"):
         KafkaSource(spec).start()
     assert time.monotonic() - start < 30
+
+
+def _wait_for(condition, limit_s: float = 30.0) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + limit_s
+    while not condition():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        time.sleep(0.05)
+
+
+@pytest.mark.parametrize("client", CLIENTS)
+def test_broker_outage_is_reported_as_a_stall_and_reading_resumes(client: str) -> None:
+    # A broker of its own: this test freezes it.
+    with EmbeddedBroker() as broker:
+        topic = _topic(broker.bootstrap, 2, 40, one_per_batch=True)
+        spec = SourceSpec(bootstrap_servers=broker.bootstrap, topic=topic, client=client,  # type: ignore[arg-type]
+                          batch_size=100, max_wait_s=0.05, health_check_s=0.2, metadata_timeout_s=1.0)
+        with KafkaSource(spec) as source:
+            # Before anything is handed out, the health check's end offsets give the lag.
+            _wait_for(lambda: source.lag() == 40)
+            got: list = []
+            _wait_for(lambda: got.extend(source.next_batch() or []) or len(got) == 40)
+            assert source.lag() == 0 and source.stalled_for() == 0.0 and source.trouble is None
+            broker.pause()
+            try:
+                _wait_for(lambda: source.next_batch() == [] and source.stalled_for() > 0.5)
+                assert source.trouble is not None
+            finally:
+                broker.resume()
+            producer = Producer({"bootstrap.servers": broker.bootstrap})
+            producer.produce(topic, value=b"40", partition=0)
+            assert producer.flush(10) == 0
+            _wait_for(lambda: got.extend(source.next_batch() or []) or len(got) == 41)
+            _wait_for(lambda: source.stalled_for() == 0.0)
+    assert sorted(int(r.value) for r in got) == list(range(41))
