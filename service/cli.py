@@ -78,9 +78,11 @@ def _produce(args: argparse.Namespace) -> int:
 
 def _train(args: argparse.Namespace) -> int:
     import json
+    import signal
 
     from pydantic import ValidationError
 
+    from service.progress import ProgressPrinter
     from workers.job_spec import JobSpec
     from workers.trainer import run_job
 
@@ -93,15 +95,33 @@ def _train(args: argparse.Namespace) -> int:
         for err in exc.errors():
             print(f"cicw-stream train: {args.spec}: {'.'.join(map(str, err['loc']))}: {err['msg']}", file=sys.stderr)
         return 2
-    result = run_job(spec, ray_address=args.ray_address)
-    summary = {"job_id": spec.job_id, "checkpoint": result.checkpoint_path, "error": result.error,
-               **{k: v for k, v in result.metrics.items() if k != "offsets"}}
+    stop: list[str] = []
+
+    def on_signal(signum: int, _frame: object) -> None:
+        # First signal: checkpoint and stop. Second: the default action (abort at once).
+        stop.append(f"{signal.Signals(signum).name} received")
+        signal.signal(signum, previous[signum])
+        print(f"\ncicw-stream train: {stop[0]}: finishing the step and writing a checkpoint "
+              "(again to abort without one)", file=sys.stderr, flush=True)
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+    progress = ProgressPrinter(sys.stderr) if not args.quiet else None
+    try:
+        result = run_job(spec, ray_address=args.ray_address, on_report=progress,
+                         stop_requested=lambda: stop[0] if stop else None)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        if progress is not None:
+            progress.close()
+    summary = {"job_id": spec.job_id, "state": result.state, "checkpoint": result.checkpoint_path,
+               "error": result.error, **{k: v for k, v in result.metrics.items() if k != "offsets"}}
     if args.json:
         print(json.dumps(summary, default=str))
     else:
         for key, value in summary.items():
             print(f"{key}: {value}")
-    return 1 if result.error else 0
+    return 1 if result.state == "failed" else 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -135,10 +155,12 @@ def build_parser() -> argparse.ArgumentParser:
     prod.add_argument("--records-per-s", dest="records_per_s", type=float, help="rate limit")
     prod.add_argument("--partitions", type=int, help="partitions if the topic is created (default 4)")
     prod.set_defaults(run=_produce)
-    train = sub.add_parser("train", help="run one job (a JobSpec in YAML or JSON) in the foreground on Ray Train")
+    train = sub.add_parser("train", help="run one job (a JobSpec in YAML or JSON) in the foreground on Ray Train; "
+                                         "Ctrl-C or SIGTERM checkpoints and stops it, running it again resumes")
     train.add_argument("spec", help="job spec file (.yaml, .yml or .json)")
     train.add_argument("--ray-address", help="an existing Ray cluster (default: start a local one)")
     train.add_argument("--json", action="store_true", help="print the final summary as JSON")
+    train.add_argument("--quiet", action="store_true", help="no progress line (stderr)")
     train.set_defaults(run=_train)
     return parser
 

@@ -12,13 +12,16 @@ from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, PositiveFloat
 
 from cicw import CICWConfig
 
+from .evaluation import EvaluationSpec
 from .records import CodecSpec
 from .source import SourceSpec
 
 
 class ModelSpec(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
-    name: str = Field("mlp", description="A registered model: mlp, small_cnn, preact_resnet18.")
+    name: str = Field("mlp", description="A registered model (mlp, small_cnn, preact_resnet18) or "
+                                         "'package.module:factory' from a package the operator allow-listed "
+                                         "in $CICW_MODEL_PACKAGES.")
     options: dict[str, Any] = Field(default_factory=dict, description="Keyword arguments of the factory.")
 
 
@@ -59,6 +62,7 @@ class JobSpec(BaseModel):
     cicw: CICWConfig = Field(default_factory=CICWConfig)
     scaling: ScalingSpec = Field(default_factory=ScalingSpec)
     checkpoint: CheckpointSpec = Field(default_factory=CheckpointSpec)
+    evaluation: EvaluationSpec | None = Field(None, description="A clean evaluation set scored every N steps.")
     max_steps: PositiveInt | None = Field(None, description="Stop after this many optimizer steps.")
     report_every_steps: PositiveInt = Field(10, description="Metrics are reported this often.")
     max_failures: NonNegativeInt = Field(2, description="Worker failures survived by restarting from the checkpoint.")

@@ -1,7 +1,10 @@
-"""Model registry: the architectures a job spec can name. torch only."""
+"""Model registry: the architectures a job spec can name, plus ``package.module:factory`` from
+packages the operator allow-listed. torch only."""
 
 from __future__ import annotations
 
+import importlib
+import os
 from collections.abc import Callable, Sequence
 
 import torch
@@ -83,8 +86,52 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
 }
 
 
-def build_model(name: str, *, in_shape: Sequence[int], num_classes: int, **kwargs: object) -> nn.Module:
-    """Instantiate a registered model. Raises ValueError listing the registered names."""
-    if name not in MODELS:
-        raise ValueError(f"unknown model {name!r}; registered models: {sorted(MODELS)}")
-    return MODELS[name](tuple(in_shape), num_classes, **kwargs)
+# Operators list the installed packages whose factories job specs may name; a job spec alone must
+# never be able to import arbitrary code on the workers (the REST service accepts specs).
+MODEL_PACKAGES_ENV = "CICW_MODEL_PACKAGES"
+
+
+def allowed_model_packages() -> tuple[str, ...]:
+    """Top-level package names from $CICW_MODEL_PACKAGES (comma-separated); empty by default."""
+    return tuple(p.strip() for p in os.environ.get(MODEL_PACKAGES_ENV, "").split(",") if p.strip())
+
+
+def resolve_model(name: str, allowed_packages: Sequence[str] = ()) -> Callable[..., nn.Module]:
+    """The factory a job spec names: a registered model, or ``package.module:factory`` whose
+    top-level package is in ``allowed_packages``. Raises ValueError saying what is allowed.
+
+    A factory is called as ``factory(in_shape, num_classes, **options)`` and returns a module
+    mapping [B, *in_shape] to logits [B, num_classes].
+    """
+    if name in MODELS:
+        return MODELS[name]
+    module_name, sep, attr = name.partition(":")
+    if not sep or not module_name or not attr:
+        raise ValueError(f"unknown model {name!r}; registered models: {sorted(MODELS)}, "
+                         f"or 'package.module:factory' from a package in ${MODEL_PACKAGES_ENV}")
+    package = module_name.split(".")[0]
+    if package not in allowed_packages:
+        raise ValueError(f"model {name!r}: package {package!r} is not allow-listed "
+                         f"(${MODEL_PACKAGES_ENV}={','.join(allowed_packages)!r})")
+    try:
+        factory = getattr(importlib.import_module(module_name), attr)
+    except ImportError as exc:
+        raise ValueError(f"model {name!r}: cannot import {module_name!r}: {exc}") from exc
+    except AttributeError as exc:
+        raise ValueError(f"model {name!r}: {module_name!r} has no attribute {attr!r}") from exc
+    if not callable(factory):
+        raise ValueError(f"model {name!r}: {attr!r} is not callable")
+    return factory
+
+
+def build_model(name: str, *, in_shape: Sequence[int], num_classes: int,
+                allowed_packages: Sequence[str] = (), **kwargs: object) -> nn.Module:
+    """Instantiate a model (see :func:`resolve_model`). Raises ValueError naming what is wrong."""
+    factory = resolve_model(name, allowed_packages)
+    try:
+        model = factory(tuple(in_shape), num_classes, **kwargs)
+    except TypeError as exc:  # unknown or missing options
+        raise ValueError(f"model {name!r}: {exc}") from exc
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"model {name!r}: the factory returned {type(model).__name__}, not a torch.nn.Module")
+    return model

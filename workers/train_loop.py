@@ -24,10 +24,19 @@ from cicw import CICWLoss
 
 from .checkpoints import load_state, save_state
 from .codecs import decode_batch
+from .control import StopWatch
 from .dead_letters import DeadLetterSink
+from .evaluation import load_eval_set, score
 from .job_spec import JobSpec
 from .models import build_model
 from .source import KafkaSource
+
+# While no rank has records, a stalled job still reports this often (the CLI shows the stall).
+IDLE_REPORT_EVERY_S = 5.0
+
+
+class SourceStalledError(RuntimeError):
+    """The broker stayed unreachable past the job's ``source.stall_deadline_s``."""
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
@@ -36,6 +45,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     from confluent_kafka import Consumer, Producer, TopicPartition
 
     spec = JobSpec.model_validate(config["spec"])
+    channel = config.get("channel")  # a workers.control.JobChannel actor, or None
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
@@ -48,7 +58,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             state = load_state(d)
 
     model = build_model(spec.model.name, in_shape=spec.codec.input_shape, num_classes=spec.codec.num_classes,
-                        **spec.model.options)
+                        allowed_packages=config.get("model_packages", ()), **spec.model.options)
     if state is not None:
         model.load_state_dict(state["model"])
     model = ray.train.torch.prepare_model(model)  # DDP when world > 1; moves to the device
@@ -72,8 +82,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         counters.update(state["counters"])
         offsets = {int(p): int(o) for p, o in state["offsets"].items()}
 
+    eval_set = (load_eval_set(spec.evaluation, spec.codec, spec.source, rank=rank, world_size=world)
+                if spec.evaluation is not None else None)
     source = KafkaSource(spec.source, rank=rank, world_size=world, group_id=spec.consumer_group,
                          resume_offsets=offsets).start()
+    stop_watch = StopWatch(channel if rank == 0 else None)
     dlq = DeadLetterSink(Producer({"bootstrap.servers": spec.source.bootstrap_servers,
                                    **spec.source.client_config}))
     committer = (Consumer({"bootstrap.servers": spec.source.bootstrap_servers, "group.id": spec.consumer_group,
@@ -104,19 +117,32 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             ckpt = ray.train.Checkpoint.from_directory(directory)
         ray.train.report({**metrics, "offsets": {str(p): o for p, o in sorted(all_offsets.items())}},
                          checkpoint=ckpt)  # Step 3
+        publish({**metrics, "checkpoint_step": counters["step"]})
         if committer is not None and all_offsets:  # Step 4
             committer.commit(offsets=[TopicPartition(spec.source.topic, p, o) for p, o in all_offsets.items()],
                              asynchronous=False)
 
+    def publish(metrics: dict[str, Any]) -> None:
+        if channel is not None and rank == 0:
+            channel.publish.remote(metrics)  # fire and forget: never wait on the driver
+
+    def report(metrics: dict[str, Any]) -> None:
+        ray.train.report(metrics)
+        publish(metrics)
+
     def window_metrics(w: dict[str, float]) -> dict[str, Any]:
         """Counters plus the metrics of the steps since the last report, over all ranks."""
-        correct, seen, loss_sum, down, corrupted, hit = all_ranks_sum(
-            [w["correct"], w["seen"], w["loss"], w["down"], w["corrupted"], w["down_and_corrupted"]])
+        correct, seen, loss_sum, down, corrupted, hit, lag = all_ranks_sum(
+            [w["correct"], w["seen"], w["loss"], w["down"], w["corrupted"], w["down_and_corrupted"],
+             source.lag()])
         # Noise detection is reported over the job's whole life (every rank adds the same sums).
         counters["noise_down"] += int(down)
         counters["noise_corrupted"] += int(corrupted)
         counters["noise_hit"] += int(hit)
+        elapsed = time.monotonic() - w["started"]
         return {"step": counters["step"], "examples": counters["examples"], "rejected": counters["rejected"],
+                "records_per_s": w["examples"] / elapsed if elapsed > 0 else float("nan"),
+                "lag": int(lag), "stalled_s": 0.0,
                 "loss": loss_sum / w["steps"] if w["steps"] else float("nan"),
                 "prequential_accuracy": correct / seen if seen else float("nan"),
                 "noise_precision": (counters["noise_hit"] / counters["noise_down"]
@@ -130,26 +156,63 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         record_log = open(Path(spec.record_log_dir) / f"rank{rank}.jsonl", "a")  # noqa: SIM115 - closed below
     resumed_from = counters["step"]
     last_checkpoint = time.monotonic()
-    fresh_window = {"loss": 0.0, "correct": 0.0, "seen": 0.0, "steps": 0.0, "down": 0.0, "corrupted": 0.0,
-                    "down_and_corrupted": 0.0}
-    window = dict(fresh_window)
+
+    def fresh_window() -> dict[str, float]:
+        return {"loss": 0.0, "correct": 0.0, "seen": 0.0, "steps": 0.0, "down": 0.0, "corrupted": 0.0,
+                "down_and_corrupted": 0.0, "examples": 0.0, "started": time.monotonic()}
+
+    def evaluate() -> dict[str, float]:
+        assert eval_set is not None and spec.evaluation is not None
+        raw_model = model.module if hasattr(model, "module") else model  # no DDP collectives in eval
+        correct, loss_sum = score(raw_model, *eval_set, batch_size=spec.evaluation.batch_size, device=device)
+        correct, loss_sum, n = all_ranks_sum([correct, loss_sum, len(eval_set[1])])
+        return {"eval_accuracy": correct / n if n else float("nan"),
+                "eval_loss": loss_sum / n if n else float("nan"), "eval_examples": int(n)}
+
+    window = fresh_window()
+    last_idle_report = time.monotonic()
+    stop_reason: str | None = None
     try:
         while spec.max_steps is None or counters["step"] < spec.max_steps:
             records = source.next_batch()
             batch = decode_batch(records or [], spec.codec)
             dlq.send(batch.rejected)
-            # One collective decides, for every rank alike, whether the stream is done and how
-            # many examples this step has; a step with none anywhere is skipped, not taken.
-            # The time-based checkpoint trigger rides on the same reduction, so every rank makes
-            # the same decision (each rank's own clock could disagree and deadlock the report).
-            time_due = float(spec.checkpoint.every_s is not None
-                             and time.monotonic() - last_checkpoint >= spec.checkpoint.every_s)
-            n_global, not_done, rejected, time_due = all_ranks_sum(
-                [len(batch), float(records is not None), len(batch.rejected), time_due])
+            # One collective decides, for every rank alike, whether the stream is done, how many
+            # examples this step has (a step with none anywhere is skipped, not taken), and the
+            # time- and event-driven triggers: each rank's own clock or view could disagree and
+            # deadlock the collectives that follow, so any rank's trigger counts for all.
+            now = time.monotonic()
+            time_due = float(spec.checkpoint.every_s is not None and now - last_checkpoint >= spec.checkpoint.every_s)
+            stalled_s = source.stalled_for()
+            deadline = spec.source.stall_deadline_s
+            n_global, not_done, rejected, time_due, stalled, past_deadline, stop, idle_due = all_ranks_sum(
+                [len(batch), float(records is not None), len(batch.rejected), time_due, float(stalled_s > 0),
+                 float(deadline is not None and stalled_s > deadline), float(stop_watch.poll() is not None),
+                 float(now - last_idle_report >= IDLE_REPORT_EVERY_S)])
             counters["rejected"] += int(rejected)
-            if not_done == 0 and n_global == 0:
+            if past_deadline:
+                why = (f"broker unreachable for {stalled_s:.0f} s: {source.trouble}" if stalled_s
+                       else "another rank's broker connection stalled")
+                raise SourceStalledError(f"{why} (past source.stall_deadline_s={deadline})")
+            if stop:
+                # The records fetched above count as consumed in the stop's checkpoint, so this
+                # step still trains them; the loop ends after it.
+                stop_reason = stop_watch.reason or "stop requested"
+            if n_global == 0 and (not_done == 0 or stop_reason):
                 break
             if n_global == 0:
+                # Caught up (or stalled): report the steps not reported yet at once, so watchers
+                # see exact counts, then a heartbeat (with the stall, if any) every few seconds.
+                if window["steps"] or idle_due:
+                    metrics = window_metrics(window)
+                    if stalled:
+                        worst = torch.tensor([stalled_s])
+                        if distributed:
+                            dist.all_reduce(worst, op=dist.ReduceOp.MAX)
+                        metrics.update(stalled_s=float(worst),
+                                       stall_reason=source.trouble or "another rank's broker is unreachable")
+                    report(metrics)
+                    window, last_idle_report = fresh_window(), now
                 continue
             x, y = batch.inputs.to(device), batch.targets.to(device)
             out = loss_fn(model, x, y)
@@ -162,6 +225,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             loss_fn.step()
             counters["step"] += 1
             counters["examples"] += int(n_global)
+            window["examples"] += n_global
             if record_log is not None:
                 trained = [[r.partition, r.offset] for r in (records or [])
                            if all(r is not rej.record for rej in batch.rejected)]
@@ -186,16 +250,25 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             window["steps"] += 1
             step = counters["step"]
             due = (spec.checkpoint.every_steps is not None and step % spec.checkpoint.every_steps == 0) or time_due > 0
-            if step % spec.report_every_steps == 0 or due:
+            eval_due = spec.evaluation is not None and step % spec.evaluation.every_steps == 0
+            if step % spec.report_every_steps == 0 or due or eval_due:
                 metrics = {**window_metrics(window), **{f"cicw_{k}": v for k, v in out.diagnostics.as_dict().items()
                                                         if not isinstance(v, list)}}
-                window = dict(fresh_window)
+                if eval_due:
+                    metrics.update(evaluate())
+                window = fresh_window()
+                last_idle_report = time.monotonic()
                 if due:
                     save_and_report(metrics)
                     last_checkpoint = time.monotonic()
                 else:
-                    ray.train.report(metrics)
-        save_and_report({**window_metrics(window), "final": True})
+                    report(metrics)
+            if stop_reason:
+                break
+        final = {**window_metrics(window), "final": True, "stopped": stop_reason}
+        if eval_set is not None:
+            final.update(evaluate())
+        save_and_report(final)
     finally:
         source.close()
         if committer is not None:

@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 from workers.datasets import DatasetError, load_cifar10, load_fashion_mnist, read_idx
-from workers.models import build_model
+from workers.models import MODEL_PACKAGES_ENV, allowed_model_packages, build_model
 
 
 @pytest.mark.parametrize("name,in_shape", [("mlp", (1, 28, 28)), ("small_cnn", (1, 28, 28)),
@@ -79,3 +79,35 @@ def test_cifar_reader_tarball_and_cache(tmp_path: Path) -> None:
     assert load_cifar10(tar_path, split="test").labels.tolist() == [3]
     with pytest.raises(DatasetError, match="does not exist"):
         load_cifar10(tmp_path / "missing.tar.gz")
+
+
+def test_model_from_an_allow_listed_package(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    pkg = tmp_path / "acme_models"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "nets.py").write_text(
+        "import torch\n"
+        "def linear(in_shape, num_classes, *, bias=True):\n"
+        "    return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(in_shape[0], num_classes, bias=bias))\n"
+        "not_a_factory = 3\n"
+        "def not_a_module(in_shape, num_classes):\n"
+        "    return 'nope'\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setenv(MODEL_PACKAGES_ENV, "acme_models, other")
+    allowed = allowed_model_packages()
+    assert allowed == ("acme_models", "other")
+    model = build_model("acme_models.nets:linear", in_shape=(5,), num_classes=3, allowed_packages=allowed,
+                        bias=False)
+    assert model(torch.randn(2, 5)).shape == (2, 3) and model[1].bias is None
+    with pytest.raises(ValueError, match="is not allow-listed"):  # the default allow-list is empty
+        build_model("acme_models.nets:linear", in_shape=(5,), num_classes=3)
+    for name, message in [("acme_models.nets:missing", "has no attribute 'missing'"),
+                          ("acme_models.absent:f", "cannot import"),
+                          ("acme_models.nets:not_a_factory", "is not callable"),
+                          ("acme_models.nets:not_a_module", "not a torch.nn.Module"),
+                          ("os:getcwd", "package 'os' is not allow-listed"),
+                          ("acme_models.nets:", "unknown model")]:
+        with pytest.raises(ValueError, match=message):
+            build_model(name, in_shape=(5,), num_classes=3, allowed_packages=allowed)
+    with pytest.raises(ValueError, match="unexpected keyword argument 'width'"):
+        build_model("acme_models.nets:linear", in_shape=(5,), num_classes=3, allowed_packages=allowed, width=3)

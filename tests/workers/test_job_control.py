@@ -1,0 +1,249 @@
+"""Jobs through the real parts (embedded broker, local Ray with 2 workers): a stop request that
+checkpoints and a rerun that resumes exactly once, broker outages mid-job (reported and survived,
+or failed past the deadline), an unreachable broker at start, and the `train` command with a
+clean evaluation set, an allow-listed model factory with BatchNorm and a rank whose partition is
+empty."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from confluent_kafka import Producer
+
+from workers.broker import EmbeddedBroker, free_port
+from workers.checkpoints import load_state
+from workers.job_spec import JobSpec
+from workers.topics import ensure_topic
+from workers.trainer import run_job
+
+from .test_train_job import _lineage
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def local_ray() -> Iterator[None]:
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+def _send(bootstrap: str, topic: str, n: int, *, partitions: list[int], start: int = 0, seed: int = 0,
+          dim: int = 8) -> None:
+    """n JSON records of 3 well separated classes, round-robin over ``partitions``."""
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 3, n)
+    x = rng.normal(size=(n, dim)) + 3 * np.eye(3, dim)[y]
+    producer = Producer({"bootstrap.servers": bootstrap})
+    for i in range(n):
+        producer.produce(topic, json.dumps({"x": x[i].tolist(), "y": int(y[i]), "id": str(start + i)}).encode(),
+                         partition=partitions[i % len(partitions)])
+    assert producer.flush(10) == 0
+
+
+def _spec(bootstrap: str, topic: str, tmp_path: Path, **overrides: Any) -> JobSpec:
+    doc: dict[str, Any] = {
+        "job_id": "ctl-" + uuid.uuid4().hex[:6],
+        "source": {"bootstrap_servers": bootstrap, "topic": topic, "batch_size": 16, "max_wait_s": 0.05,
+                   "health_check_s": 0.3, "metadata_timeout_s": 1.0},
+        "codec": {"format": {"kind": "json"}, "input_shape": [8], "num_classes": 3},
+        "model": {"name": "mlp", "options": {"hidden": [16]}},
+        "cicw": {"method": "cicw", "burn_in_steps": 2, "anneal_steps": 2},
+        "checkpoint": {"every_steps": 1000, "keep": 2, "storage_path": str(tmp_path / "ckpt")},
+        "report_every_steps": 2, "max_failures": 0, "record_log_dir": str(tmp_path / "records"),
+    }
+    for key, value in overrides.items():
+        section, _, field = key.partition("__")
+        if field:
+            doc[section] = {**doc[section], field: value}
+        else:
+            doc[section] = value
+    return JobSpec.model_validate(doc)
+
+
+class Reports:
+    """Collects a job's reports; lets a test thread wait for one that satisfies a condition."""
+
+    def __init__(self) -> None:
+        self.items: list[dict[str, Any]] = []
+        self._cond = threading.Condition()
+
+    def __call__(self, metrics: dict[str, Any]) -> None:
+        with self._cond:
+            self.items.append(metrics)
+            self._cond.notify_all()
+
+    def wait_for(self, predicate: Any, timeout_s: float = 120.0) -> dict[str, Any]:
+        with self._cond:
+            deadline = time.monotonic() + timeout_s
+            while True:
+                for m in self.items:
+                    if predicate(m):
+                        return m
+                left = deadline - time.monotonic()
+                assert left > 0, f"no such report in {timeout_s} s; last: {self.items[-1:]}"
+                self._cond.wait(left)
+
+
+def _in_background(fn: Any) -> threading.Thread:
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            fn()
+        except BaseException as exc:  # surfaced by join_checked
+            errors.append(exc)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.errors = errors  # type: ignore[attr-defined]
+    thread.start()
+    return thread
+
+
+def _stop_when(stop: list[str], thread: threading.Thread) -> Any:
+    """Stop once the test thread asks, or failed (so a failed wait never leaves the job running)."""
+    return lambda: stop[0] if stop else ("test thread failed" if thread.errors else None)  # type: ignore[attr-defined]
+
+
+def _join_checked(thread: threading.Thread) -> None:
+    thread.join(timeout=30)
+    if thread.errors:  # type: ignore[attr-defined]
+        raise thread.errors[0]  # type: ignore[attr-defined]
+
+
+def test_stop_checkpoints_and_a_rerun_resumes_exactly_once(kafka_broker: EmbeddedBroker, local_ray: None,
+                                                           tmp_path: Path) -> None:
+    topic = f"stop-{uuid.uuid4().hex[:8]}"
+    ensure_topic(kafka_broker.bootstrap, topic, 2)
+    _send(kafka_broker.bootstrap, topic, 1200, partitions=[0, 1])
+    spec = _spec(kafka_broker.bootstrap, topic, tmp_path)  # unbounded: only the stop ends it
+    reports = Reports()
+    stop: list[str] = []
+
+    def stopper() -> None:
+        reports.wait_for(lambda m: m["step"] >= 10)
+        stop.append("test says stop")
+
+    thread = _in_background(stopper)
+    first = run_job(spec, on_report=reports, stop_requested=_stop_when(stop, thread))
+    _join_checked(thread)
+    assert first.state == "stopped" and first.error is None, first.error
+    assert first.metrics["stopped"] == "test says stop"
+    consumed = sum(load_state(first.checkpoint_path)["offsets"].values())
+    assert 10 * 16 <= consumed < 1200 and consumed == first.metrics["examples"]
+
+    # The same job again, now bounded: it resumes from the stop's checkpoint and drains the rest.
+    second = run_job(spec.model_copy(update={"source": spec.source.model_copy(update={"stop_at": "end"})}))
+    assert second.state == "finished", second.error
+    assert second.metrics["examples"] == 1200
+    lineage = _lineage(tmp_path / "records")
+    assert len(lineage) == len(set(lineage)) == 1200  # every record exactly once over both runs
+
+
+def test_broker_outage_mid_job_is_reported_and_training_continues(local_ray: None, tmp_path: Path) -> None:
+    with EmbeddedBroker() as broker:  # its own broker: this test freezes it
+        topic = f"outage-{uuid.uuid4().hex[:8]}"
+        ensure_topic(broker.bootstrap, topic, 2)
+        _send(broker.bootstrap, topic, 400, partitions=[0, 1])
+        spec = _spec(broker.bootstrap, topic, tmp_path, source__stall_deadline_s=120.0)
+        reports = Reports()
+        stop: list[str] = []
+
+        def outage() -> None:
+            reports.wait_for(lambda m: m["examples"] == 400)
+            broker.pause()
+            try:
+                reports.wait_for(lambda m: m.get("stalled_s", 0) > 1)
+            finally:
+                broker.resume()
+            _send(broker.bootstrap, topic, 400, partitions=[0, 1], seed=1, start=400)
+            reports.wait_for(lambda m: m["examples"] == 800)
+            stop.append("done")
+
+        thread = _in_background(outage)
+        result = run_job(spec, on_report=reports, stop_requested=_stop_when(stop, thread))
+        _join_checked(thread)
+    assert result.state == "stopped", result.error
+    stalls = [m for m in reports.items if m.get("stalled_s", 0) > 0]
+    assert stalls and "watermarks" in stalls[0]["stall_reason"]
+    assert sum(load_state(result.checkpoint_path)["offsets"].values()) == 800
+
+
+def test_broker_outage_past_the_deadline_fails_the_job_with_the_reason(local_ray: None, tmp_path: Path) -> None:
+    with EmbeddedBroker() as broker:
+        topic = f"dead-{uuid.uuid4().hex[:8]}"
+        ensure_topic(broker.bootstrap, topic, 2)
+        _send(broker.bootstrap, topic, 100, partitions=[0, 1])
+        spec = _spec(broker.bootstrap, topic, tmp_path, source__stall_deadline_s=3.0)
+        reports = Reports()
+
+        def outage() -> None:
+            reports.wait_for(lambda m: m["examples"] == 100)
+            broker.pause()
+
+        thread = _in_background(outage)
+        started = time.monotonic()
+        try:
+            result = run_job(spec, on_report=reports, stop_requested=_stop_when([], thread))
+        finally:
+            broker.resume()
+        _join_checked(thread)
+    assert result.state == "failed"
+    assert "past source.stall_deadline_s=3.0" in (result.error or ""), result.error
+    assert time.monotonic() - started < 120
+
+
+def test_train_command_fails_fast_when_the_broker_is_unreachable(tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
+    from service.cli import main as cli_main
+
+    spec = tmp_path / "job.yaml"
+    spec.write_text(f"job_id: nobroker\nsource: {{bootstrap_servers: '127.0.0.1:{free_port()}', topic: t, "
+                    "metadata_timeout_s: 2, client_config: {socket.connection.setup.timeout.ms: '1000'}}\n"
+                    "codec: {input_shape: [4], num_classes: 3}\n")
+    started = time.monotonic()
+    assert cli_main(["train", str(spec), "--json"]) == 1
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["state"] == "failed" and "cannot read metadata of topic 't'" in summary["error"]
+    assert time.monotonic() - started < 30
+
+
+def test_train_command_with_eval_set_factory_model_and_an_empty_rank(
+        kafka_broker: EmbeddedBroker, local_ray: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys) -> None:  # type: ignore[no-untyped-def]
+    from service.cli import main as cli_main
+
+    bootstrap = kafka_broker.bootstrap
+    topic, eval_topic = f"cmd-{uuid.uuid4().hex[:8]}", f"cmd-eval-{uuid.uuid4().hex[:8]}"
+    ensure_topic(bootstrap, topic, 3)
+    # Partition 1 stays empty: with 2 workers, rank 1 owns only it and never has a local batch,
+    # while the model has BatchNorm layers (small_cnn), so every step has an empty rank.
+    _send(bootstrap, topic, 960, partitions=[0, 2], dim=16)
+    ensure_topic(bootstrap, eval_topic, 2)
+    _send(bootstrap, eval_topic, 300, partitions=[0, 1], seed=7, dim=16)
+    monkeypatch.setenv("CICW_MODEL_PACKAGES", "workers")
+    spec = _spec(bootstrap, topic, tmp_path, source__stop_at="end",
+                 codec={"format": {"kind": "json"}, "input_shape": [1, 4, 4], "num_classes": 3},
+                 model={"name": "workers.models:small_cnn", "options": {"width": 8}},
+                 evaluation={"topic": eval_topic, "every_steps": 10})
+    (tmp_path / "job.json").write_text(spec.model_dump_json())
+    assert cli_main(["train", str(tmp_path / "job.json"), "--json"]) == 0
+    captured = capsys.readouterr()
+    summary = json.loads(captured.out)
+    assert summary["state"] == "finished" and summary["examples"] == 960
+    assert summary["eval_examples"] == 300 and summary["eval_accuracy"] > 0.6  # 3 separable classes
+    progress = captured.err.splitlines()
+    assert any("rec/s" in line and "lag" in line and "eval" in line for line in progress), progress
+    ranks = {f.name: [json.loads(x) for x in f.read_text().splitlines()]
+             for f in (tmp_path / "records").glob("*.jsonl")}
+    assert all(not line["records"] for line in ranks["rank1.jsonl"])  # stepped along with no records
+    assert len(ranks["rank1.jsonl"]) == len(ranks["rank0.jsonl"]) > 0
