@@ -247,3 +247,35 @@ def test_train_command_with_eval_set_factory_model_and_an_empty_rank(
              for f in (tmp_path / "records").glob("*.jsonl")}
     assert all(not line["records"] for line in ranks["rank1.jsonl"])  # stepped along with no records
     assert len(ranks["rank1.jsonl"]) == len(ranks["rank0.jsonl"]) > 0
+
+
+def test_sigint_to_the_train_command_checkpoints_and_exits_cleanly(kafka_broker: EmbeddedBroker,
+                                                                    tmp_path: Path) -> None:
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    topic = f"sig-{uuid.uuid4().hex[:8]}"
+    ensure_topic(kafka_broker.bootstrap, topic, 2)
+    _send(kafka_broker.bootstrap, topic, 200, partitions=[0, 1])
+    spec = _spec(kafka_broker.bootstrap, topic, tmp_path)  # unbounded: it would run forever
+    (tmp_path / "job.json").write_text(spec.model_dump_json())
+    proc = subprocess.Popen([sys.executable, "-m", "service.cli", "train", str(tmp_path / "job.json"), "--json"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "RAY_DEDUP_LOGS": "0"})
+    try:
+        assert proc.stderr is not None
+        for line in proc.stderr:  # the first progress line: the job is training
+            if "records" in line and "step" in line:
+                break
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0
+    summary = json.loads(out.strip().splitlines()[-1])
+    assert summary["state"] == "stopped" and summary["stopped"] == "SIGINT received"
+    offsets = load_state(summary["checkpoint"])["offsets"]
+    assert 0 < sum(offsets.values()) == summary["examples"] <= 200  # what it trained, no more, no less
