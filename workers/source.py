@@ -16,7 +16,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, PositiveFloat, PositiveInt
 
 from .kafka_clients import ClientName, PartitionClient, SourceClientError, TransientClientError, make_client
-from .records import KafkaRecord
+from .records import RecordChunk
 
 
 class StartAtTimestamp(BaseModel):
@@ -67,10 +67,12 @@ class KafkaSource:
     """Batches of this rank's records. Call :meth:`start`, then :meth:`next_batch` until it
     returns None (bounded and done); :meth:`close` stops the poller.
 
-    ``next_batch`` returns [] when nothing arrived within ``max_wait_s``, so a rank with empty
-    partitions keeps stepping with the others instead of blocking. Memory stays bounded by
-    ``queue_records`` however much the topic holds. ``positions`` are the next offsets of the
-    records handed out so far (what a checkpoint stores).
+    ``next_batch`` returns an empty batch (equal to []) when nothing arrived within
+    ``max_wait_s``, so a rank with empty partitions keeps stepping with the others instead of
+    blocking. Batches are RecordChunks: sequences of KafkaRecord whose columns the codec reads
+    without per-record work. Memory stays bounded by ``queue_records`` however much the topic
+    holds. ``positions`` are the next offsets of the records handed out so far (what a
+    checkpoint stores).
     """
 
     def __init__(self, spec: SourceSpec, *, rank: int = 0, world_size: int = 1, group_id: str = "cicw",
@@ -85,9 +87,12 @@ class KafkaSource:
                                                                timeout_s=spec.metadata_timeout_s))
         # Whole fetched chunks travel through the queue (one put/get per fetch, not per record);
         # its bound in chunks keeps about queue_records records buffered at most.
-        self._queue: queue.Queue[list[KafkaRecord]] = queue.Queue(
+        self._queue: queue.Queue[RecordChunk] = queue.Queue(
             maxsize=max(1, spec.queue_records // spec.fetch_records))
-        self._carry: list[KafkaRecord] = []
+        # The chunk a batch was last cut from, and where its unused records start: batches are
+        # sliced off it in place rather than copying the remainder at every cut.
+        self._carry = RecordChunk.empty(spec.topic)
+        self._carry_at = 0
         self._stop = threading.Event()
         self._poller_done = threading.Event()
         self._error: BaseException | None = None
@@ -154,7 +159,7 @@ class KafkaSource:
                 try:
                     records = client.poll(self.spec.fetch_records, 0.1)
                 except TransientClientError as exc:  # the client reconnects; the deadline bounds the wait
-                    self._trouble, records = str(exc), []
+                    self._trouble, records = str(exc), RecordChunk.empty(self.spec.topic)
                 now = self._clock()
                 if records:
                     self._last_contact, self._trouble = now, None
@@ -166,10 +171,9 @@ class KafkaSource:
                     last_check = now
                     self._check_broker(client, now)
                 if records:
-                    for rec in records:
-                        self._fetched[rec.partition] = rec.offset + 1
+                    self._fetched.update({p: o + 1 for p, o in records.last_offsets().items()})
                     if self._skip_before_ms:
-                        records = [rec for rec in records if not self._too_old(rec)]
+                        records = self._drop_too_old(records)
                     while records and not self._stop.is_set():
                         try:
                             self._queue.put(records, timeout=0.1)  # blocks when full: bounded memory
@@ -209,57 +213,73 @@ class KafkaSource:
         """Records on this rank's partitions not yet handed out, by the last known end offsets."""
         return sum(max(high - self.positions.get(p, high), 0) for p, high in list(self._high.items()))
 
-    def _too_old(self, rec: KafkaRecord) -> bool:
-        limit = self._skip_before_ms.get(rec.partition)
+    def _drop_too_old(self, chunk: RecordChunk) -> RecordChunk:
+        keep = [i for i, (p, o, ts) in enumerate(zip(chunk.partition_array.tolist(), chunk.offset_array.tolist(),
+                                                    chunk.timestamps()))
+                if not self._too_old(p, o, ts)]
+        return chunk if len(keep) == len(chunk) else chunk.take(keep)
+
+    def _too_old(self, partition: int, offset: int, timestamp_ms: int | None) -> bool:
+        limit = self._skip_before_ms.get(partition)
         if limit is None:
             return False
-        if rec.timestamp_ms is not None and rec.timestamp_ms < limit:
-            self._skipped_to[rec.partition] = rec.offset + 1
+        if timestamp_ms is not None and timestamp_ms < limit:
+            self._skipped_to[partition] = offset + 1
             return True
-        del self._skip_before_ms[rec.partition]
+        del self._skip_before_ms[partition]
         return False
 
     def _reached_end(self) -> bool:
         return all(self._fetched.get(p, self._start_positions[p]) >= self.end_offsets[p] for p in self.partitions)
 
-    def next_batch(self) -> list[KafkaRecord] | None:
-        """Up to ``batch_size`` records, waiting at most ``max_wait_s``; None once bounded and done."""
+    def next_batch(self) -> RecordChunk | None:
+        """Up to ``batch_size`` records, waiting at most ``max_wait_s``; None once bounded and done.
+
+        The batch is cut from whole fetched chunks without touching single records, and
+        ``positions`` move to one past each partition's last record in it.
+        """
         if self._error is not None:
             raise SourceClientError(f"kafka poller failed: {self._error}") from self._error
         size = self.spec.batch_size
-        batch, self._carry = self._carry[:size], self._carry[size:]
+        pieces = []
+        if self._carry_at < len(self._carry):
+            pieces.append(self._carry[self._carry_at:self._carry_at + size])
+            self._carry_at += len(pieces[0])
+        have = len(pieces[0]) if pieces else 0
         deadline = time.monotonic() + self.spec.max_wait_s
-        while len(batch) < size:
+        while have < size:
             remaining = deadline - time.monotonic()
             try:
                 chunk = (self._queue.get(timeout=max(remaining, 0.0)) if remaining > 0
                          else self._queue.get_nowait())
-                take = size - len(batch)
-                batch.extend(chunk[:take])
-                self._carry = chunk[take:]
+                take = size - have
+                pieces.append(chunk[:take] if take < len(chunk) else chunk)
+                have += len(pieces[-1])
+                self._carry, self._carry_at = chunk, len(pieces[-1])
             except queue.Empty:
-                if self._poller_done.is_set() and self._queue.empty() and not self._carry:
+                if self._poller_done.is_set() and self._queue.empty() and self._carry_at >= len(self._carry):
                     if self._error is not None:
                         raise SourceClientError(f"kafka poller failed: {self._error}") from self._error
-                    if not batch and self.spec.stop_at == "end":
-                        self._advance_positions(batch)
+                    if not have and self.spec.stop_at == "end":
+                        self._advance_positions(RecordChunk.empty(self.spec.topic))
                         return None
-                    if not batch:  # nothing assigned to this rank: keep the caller's pace
+                    if not have:  # nothing assigned to this rank: keep the caller's pace
                         time.sleep(max(deadline - time.monotonic(), 0.0))
-                        return []
+                        return RecordChunk.empty(self.spec.topic)
                     break
                 if remaining <= 0:
                     break
+        batch = RecordChunk.concat(pieces, self.spec.topic)
         self._advance_positions(batch)
         return batch
 
-    def _advance_positions(self, batch: list[KafkaRecord]) -> None:
+    def _advance_positions(self, batch: RecordChunk) -> None:
         # Skipped records precede every record handed out from their partition, so the larger
         # of the two next offsets is the right one.
         for p, offset in list(self._skipped_to.items()):
             self.positions[p] = max(self.positions[p], offset)
-        for rec in batch:
-            self.positions[rec.partition] = rec.offset + 1
+        # One past each partition's last record in the batch, as handing them out one by one would.
+        self.positions.update({p: o + 1 for p, o in batch.last_offsets().items()})
 
     def close(self) -> None:
         self._stop.set()

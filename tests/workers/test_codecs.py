@@ -1,9 +1,11 @@
 """Codecs: every format decodes valid records and rejects each kind of bad one with a reason;
-rejected records reach the dead-letter topic on the real broker with their provenance."""
+rejected records reach the dead-letter topic on the real broker with their provenance. The
+columnar raw path agrees record by record with the per-record checks."""
 
 from __future__ import annotations
 
 import io
+import itertools
 import json
 import uuid
 
@@ -15,9 +17,9 @@ from confluent_kafka.admin import AdminClient, NewTopic
 from PIL import Image
 
 from workers.broker import EmbeddedBroker
-from workers.codecs import decode_batch
+from workers.codecs import RecordRejected, _clean_label, decode_batch, decode_record
 from workers.dead_letters import OFFSET_HEADER, PARTITION_HEADER, REASON_HEADER, DeadLetterSink, dlq_topic
-from workers.records import CodecSpec, ImageFormat, KafkaRecord, RawFormat
+from workers.records import CodecSpec, ImageFormat, KafkaRecord, RawFormat, RecordChunk
 
 
 def _rec(value: bytes | None, offset: int = 0, *, partition: int = 0, label: int | None = None,
@@ -111,3 +113,117 @@ def test_rejected_records_reach_the_dead_letter_topic(kafka_broker: EmbeddedBrok
     headers = dict(msgs[0].headers())
     assert b"not JSON" in headers[REASON_HEADER]
     assert headers[PARTITION_HEADER] == b"0" and headers[OFFSET_HEADER] == b"11" and headers["trace"] == b"abc"
+
+
+def _chunk(rows: list[tuple[int, int, bytes | None, list[tuple[str, bytes | None]] | None]],
+           topic: str = "t") -> RecordChunk:
+    """A chunk as a client builds it: (partition, offset, value, headers) per record."""
+    return RecordChunk(topic, [v for _, _, v, _ in rows], [p for p, _, _, _ in rows], [o for _, o, _, _ in rows],
+                       [None] * len(rows), [tuple(h) if h else None for _, _, _, h in rows],
+                       [1000 + o for _, o, _, _ in rows])
+
+
+class _DLQProducer:
+    def __init__(self) -> None:
+        self.sent: list[tuple[str, bytes | None, dict[str, bytes]]] = []
+
+    def produce(self, topic: str, value: bytes | None = None, key: bytes | None = None,
+                headers: list[tuple[str, bytes]] | None = None) -> None:
+        self.sent.append((topic, value, dict(headers or [])))
+
+    def flush(self, timeout: float = 0) -> int:
+        return 0
+
+
+def test_raw_chunk_rejects_bad_records_in_place_and_keeps_the_rest_in_order() -> None:
+    spec = CodecSpec(format=RawFormat(dtype="float32"), input_shape=(2,), num_classes=10)
+
+    def val(a: float, b: float) -> bytes:
+        return np.array([a, b], dtype="<f4").tobytes()
+
+    lab = [("label", b"1")]
+    rows = [(0, 10, val(1, 2), [("label", b"0"), ("clean_label", b"2")]),
+            (1, 20, val(3, 4), lab),
+            (0, 11, val(5, 6)[:-1], lab),                                     # short value
+            (1, 21, None, lab),                                               # tombstone
+            (0, 12, val(7, 8), [("label", b"12")]),                           # label out of range
+            (1, 22, val(9, np.nan), lab),                                     # NaN feature
+            (0, 13, val(10, 11), [("label", b"07"), ("clean_label", b"1")]),  # unusual but valid label
+            (1, 23, val(12, 13), [("label", b"2"), ("clean_label", None)]),   # clean label without a value
+            (0, 14, val(14, 15), [("label", b"0"), ("label", b"2")])]         # repeated: the last wins
+    chunk = _chunk(rows)
+    batch = decode_batch(chunk, spec)
+    assert [(r.record.partition, r.record.offset) for r in batch.rejected] == [(0, 11), (1, 21), (0, 12), (1, 22), (1, 23)]
+    assert [r.reason.split(" ")[0] for r in batch.rejected] == ["raw", "empty", "label", "features", "clean"]
+    torch.testing.assert_close(batch.inputs, torch.tensor([[1.0, 2.0], [3.0, 4.0], [10.0, 11.0], [14.0, 15.0]]))
+    assert batch.targets.tolist() == [0, 1, 7, 2] and batch.clean_labels.tolist() == [2, -1, 1, -1]
+    assert batch.next_offsets == {("t", 0): 15, ("t", 1): 24}  # rejected records are consumed too
+    # The rejected records are the chunk's own records: the train loop tells them apart by identity.
+    kept = [r for r in chunk if all(r is not rej.record for rej in batch.rejected)]
+    assert [(r.partition, r.offset) for r in kept] == [(0, 10), (1, 20), (0, 13), (0, 14)]
+    assert chunk[3] is batch.rejected[1].record and chunk[3].value is None and chunk[3].timestamp_ms == 1021
+    # Dead-letter routing reads the rejected records like any KafkaRecord.
+    dlq = _DLQProducer()
+    assert DeadLetterSink(dlq).send(batch.rejected) == 5
+    assert [(h[PARTITION_HEADER], h[OFFSET_HEADER]) for _, _, h in dlq.sent] == [
+        (b"0", b"11"), (b"1", b"21"), (b"0", b"12"), (b"1", b"22"), (b"1", b"23")]
+    assert {t for t, _, _ in dlq.sent} == {dlq_topic("t")} and dlq.sent[1][1] is None
+    assert dlq.sent[0][2]["label"] == b"1" and dlq.sent[4][2]["clean_label"] == b""
+
+
+@pytest.mark.parametrize("label_from", ["header", "key"])
+def test_raw_chunk_agrees_with_the_per_record_checks(label_from: str) -> None:
+    # The bulk path must accept, reject and parse exactly as decode_record and the clean-label
+    # check do, record by record, whatever the label's spelling.
+    spec = CodecSpec(format=RawFormat(dtype="uint8", label_from=label_from),  # type: ignore[arg-type]
+                     input_shape=(3,), num_classes=10, max_record_bytes=3)
+    spellings: list[bytes | None] = [b"0", b"9", b"10", b"07", b" 3", b"3 ", b"+3", b"-1", b"x", b"", None,
+                                     "\u0663".encode()]
+    records = []
+    for i, (label, clean) in enumerate(itertools.product(spellings, [None, b"4", b"10", b"z"])):
+        headers: list[tuple[str, bytes]] = [("trace", b"t")]
+        if label is not None and label_from == "header":
+            headers.append(("label", label))
+        if clean is not None:
+            headers.append(("clean_label", clean))
+        value = bytes([i % 256, 1, 2]) if i % 7 else bytes(4)  # some too long
+        records.append(KafkaRecord("t", i % 3, i, value, key=label if label_from == "key" else None,
+                                   headers=tuple(headers)))
+    chunk = RecordChunk.of_records(records)
+    assert chunk is not None
+    batch = decode_batch(chunk, spec)
+    expected_rejected, xs, ys, cs = [], [], [], []
+    for rec in records:
+        try:
+            x, y = decode_record(rec, spec)
+            c = _clean_label(rec, spec)
+        except RecordRejected as exc:
+            expected_rejected.append((rec, exc.reason))
+            continue
+        xs.append(x)
+        ys.append(y)
+        cs.append(c)
+    assert [(r.record, r.reason) for r in batch.rejected] == expected_rejected
+    assert all(r.record is rec for r, (rec, _) in zip(batch.rejected, expected_rejected))
+    assert batch.targets.tolist() == ys and batch.clean_labels.tolist() == cs
+    torch.testing.assert_close(batch.inputs, torch.from_numpy(np.stack(xs)))
+    assert batch.next_offsets == {("t", p): max(r.offset for r in records if r.partition == p) + 1 for p in range(3)}
+
+
+def test_record_chunk_behaves_as_a_sequence_of_records() -> None:
+    rows = [(0, 5, b"a", [("h", b"1")]), (1, 7, b"b", None), (0, 6, None, [("h", None)]), (1, 8, b"d", None)]
+    chunk = _chunk(rows)
+    assert len(chunk) == 4 and not RecordChunk.empty() and RecordChunk.empty() == []
+    assert chunk[2] == KafkaRecord("t", 0, 6, None, None, (("h", b""),), 1006) and chunk[2] is chunk[-2]
+    assert [r.offset for r in chunk[1:3]] == [7, 6] and [r.offset for r in chunk.take([3, 0])] == [8, 5]
+    assert chunk == list(chunk) and chunk[1:] != chunk
+    joined = RecordChunk.concat([chunk[:1], RecordChunk.empty("t"), chunk[1:]])
+    assert joined == chunk and joined.last_offsets() == {0: 6, 1: 8} and joined.next_offsets() == {0: 7, 1: 9}
+    assert chunk.header_values("h", "-") == [b"1", "-", None, "-"]
+    with pytest.raises(IndexError):
+        chunk[4]
+    # A chunk of KafkaRecords yields those very objects, in slices too.
+    records = [KafkaRecord("u", 0, i, b"v") for i in range(3)]
+    of = RecordChunk.of_records(records)
+    assert of is not None and of[1] is records[1] and of[1:][0] is records[1]
+    assert RecordChunk.of_records([KafkaRecord("u", 0, 0, b""), KafkaRecord("w", 0, 0, b"")]) is None

@@ -1,5 +1,6 @@
-"""KafkaSource against the real broker: assignment, exactly-once coverage, start positions,
-bounded memory and a clear error when nothing answers."""
+"""KafkaSource against the real broker: assignment, exactly-once coverage, start positions and
+exact positions however batches cut the fetched chunks, bounded memory and a clear error when
+nothing answers; the confluent client's columns and its handling of errors fetched with records."""
 
 from __future__ import annotations
 
@@ -7,11 +8,12 @@ import time
 import uuid
 
 import pytest
-from confluent_kafka import Producer
+from confluent_kafka import KafkaError, Message, Producer
 from confluent_kafka.admin import AdminClient, NewTopic
 
 from workers.broker import EmbeddedBroker, free_port
-from workers.kafka_clients import SourceClientError
+from workers.kafka_clients import CONSUME_BATCH, ConfluentClient, SourceClientError, TransientClientError
+from workers.records import KafkaRecord
 from workers.source import KafkaSource, SourceSpec, StartAtOffsets, StartAtTimestamp, assigned_partitions
 
 CLIENTS = ["confluent", "kafka-python"]
@@ -157,3 +159,69 @@ def test_broker_outage_is_reported_as_a_stall_and_reading_resumes(client: str) -
             _wait_for(lambda: got.extend(source.next_batch() or []) or len(got) == 41)
             _wait_for(lambda: source.stalled_for() == 0.0)
     assert sorted(int(r.value) for r in got) == list(range(41))
+
+
+@pytest.mark.parametrize("client", CLIENTS)
+def test_positions_stay_exact_when_batches_cut_across_fetches(kafka_broker: EmbeddedBroker, client: str) -> None:
+    # Batches of 5 cut from fetches of 7 records over 3 partitions: after every batch each
+    # partition's position is one past the last record of it handed out so far.
+    topic = _topic(kafka_broker.bootstrap, 3, 90)
+    spec = SourceSpec(bootstrap_servers=kafka_broker.bootstrap, topic=topic, client=client,  # type: ignore[arg-type]
+                      stop_at="end", batch_size=5, fetch_records=7, queue_records=14)
+    seen: list = []
+    with KafkaSource(spec) as source:
+        expected = dict(source.positions)
+        while (batch := source.next_batch()) is not None:
+            assert len(batch) <= 5
+            for r in batch:
+                assert r.offset == expected[r.partition]  # in order, nothing skipped or repeated
+                expected[r.partition] = r.offset + 1
+            assert source.positions == expected
+            seen += batch
+    assert sorted(int(r.value) for r in seen) == list(range(90)) and expected == {0: 30, 1: 30, 2: 30}
+
+
+class _FakeConsumer:
+    """Hands out prepared confluent_kafka Message lists, honouring num_messages."""
+
+    def __init__(self, messages: list) -> None:  # type: ignore[type-arg]
+        self.messages, self.calls = messages, []  # type: ignore[var-annotated]
+
+    def consume(self, num_messages: int, timeout: float) -> list:  # type: ignore[type-arg]
+        self.calls.append((num_messages, timeout))
+        out, self.messages = self.messages[:num_messages], self.messages[num_messages:]
+        return out
+
+
+def _confluent_client(messages: list) -> ConfluentClient:  # type: ignore[type-arg]
+    client = ConfluentClient(f"127.0.0.1:{free_port()}", "g", {})
+    client.assign("t", {})
+    client._consumer.close()
+    client._consumer = _FakeConsumer(messages)  # type: ignore[assignment]
+    return client
+
+
+def test_confluent_poll_builds_columns_and_keeps_records_fetched_with_an_error() -> None:
+    def msg(p: int, o: int, **kw) -> Message:  # type: ignore[no-untyped-def]
+        return Message(topic="t", partition=p, offset=o, value=f"{p}:{o}".encode(), **kw)
+
+    good = [msg(0, i, headers=[("label", b"1"), ("x", None)], timestamp=(1, 500 + i)) for i in range(600)]
+    eof = Message(topic="t", partition=1, offset=7, error=KafkaError(KafkaError._PARTITION_EOF))
+    down = Message(topic="t", partition=1, offset=7, error=KafkaError(KafkaError._TRANSPORT))
+    client = _confluent_client([*good[:300], eof, *good[300:], down, msg(1, 8)])
+    chunk = client.poll(1000, 0.5)
+    # consume() is asked for at most CONSUME_BATCH at a time; only the first call waits.
+    assert [n for n, _ in client._consumer.calls] == [CONSUME_BATCH, CONSUME_BATCH, CONSUME_BATCH]
+    assert [t for _, t in client._consumer.calls] == [0.5, 0.0, 0.0]
+    # The records fetched with the transient error, before and after it, are handed out (the
+    # consumer has moved past them); the error comes with the next poll.
+    assert [(r.partition, r.offset) for r in chunk] == [(0, i) for i in range(600)] + [(1, 8)]
+    assert chunk[3] == KafkaRecord("t", 0, 3, b"0:3", None, (("label", b"1"), ("x", b"")), 503)
+    assert chunk[600].timestamp_ms is None and chunk.last_offsets() == {0: 599, 1: 8}
+    with pytest.raises(TransientClientError, match="fetch failed"):
+        client.poll(1000, 0.5)
+    assert client.poll(1000, 0.5) == []
+    fatal = KafkaError(KafkaError._FATAL, fatal=True)
+    with pytest.raises(SourceClientError, match="fetch failed") as failed:
+        _confluent_client([msg(0, 0), Message(topic="t", partition=0, offset=1, error=fatal)]).poll(10, 0.1)
+    assert not isinstance(failed.value, TransientClientError)
