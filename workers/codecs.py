@@ -116,9 +116,12 @@ def _decode_raw_chunk(chunk: RecordChunk, fmt: RawFormat, spec: CodecSpec) -> De
     expected = math.prod(spec.input_shape) * dtype.itemsize
     values = chunk.values()
     label_table, clean_table = _label_tables(spec.num_classes)
-    raw_labels = chunk.header_values(spec.label_header) if fmt.label_from == "header" else chunk.keys()
+    if fmt.label_from == "header":
+        raw_labels, raw_clean = chunk.header_columns((spec.label_header, spec.clean_label_header), _ABSENT)
+    else:
+        raw_labels, raw_clean = chunk.keys(), chunk.header_values(spec.clean_label_header, _ABSENT)
     labels: list[int | None] = list(map(label_table.get, raw_labels))
-    clean: list[int | None] = list(map(clean_table.get, chunk.header_values(spec.clean_label_header, _ABSENT)))
+    clean: list[int | None] = list(map(clean_table.get, raw_clean))
     try:
         flagged = not (set(map(len, values)) <= {expected} and expected <= spec.max_record_bytes)
     except TypeError:  # len(None): a tombstone

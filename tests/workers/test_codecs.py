@@ -220,6 +220,8 @@ def test_record_chunk_behaves_as_a_sequence_of_records() -> None:
     joined = RecordChunk.concat([chunk[:1], RecordChunk.empty("t"), chunk[1:]])
     assert joined == chunk and joined.last_offsets() == {0: 6, 1: 8} and joined.next_offsets() == {0: 7, 1: 9}
     assert chunk.header_values("h", "-") == [b"1", "-", None, "-"]
+    assert chunk.header_columns(("h", "h"), "-") == chunk.header_columns(("h", "x", "h"), "-")[::2] == [
+        [b"1", "-", None, "-"]] * 2
     with pytest.raises(IndexError):
         chunk[4]
     # A chunk of KafkaRecords yields those very objects, in slices too.
