@@ -71,7 +71,7 @@ def _produce(args: argparse.Namespace) -> int:
     except (DatasetError, SourceClientError, RuntimeError) as exc:
         print(f"cicw-stream produce: {exc}", file=sys.stderr)
         return 1
-    print(f"{report.records} records to {spec.topic} in {report.seconds:.1f} s "
+    print(f"{report.records} records to {spec.topic} in {report.seconds:.2f} s "
           f"({report.corrupted} with a corrupted label)")
     return 0
 

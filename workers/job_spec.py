@@ -18,6 +18,8 @@ from .source import SourceSpec
 
 
 class ModelSpec(BaseModel):
+    """The network: a factory and its keyword arguments (it gets the input shape and class count)."""
+
     model_config = ConfigDict(frozen=True, extra="forbid")
     name: str = Field("mlp", description="A registered model (mlp, small_cnn, preact_resnet18) or "
                                          "'package.module:factory' from a package the operator allow-listed "
@@ -26,24 +28,31 @@ class ModelSpec(BaseModel):
 
 
 class OptimizerSpec(BaseModel):
+    """Optimizer and its step-wise learning-rate schedule (MultiStepLR over optimizer steps)."""
+
     model_config = ConfigDict(frozen=True, extra="forbid")
-    name: Literal["sgd", "adamw"] = "sgd"
-    lr: PositiveFloat = 0.05
-    momentum: float = Field(0.9, ge=0, lt=1)
-    nesterov: bool = True
-    weight_decay: float = Field(5e-4, ge=0)
+    name: Literal["sgd", "adamw"] = Field("sgd", description="torch.optim.SGD or AdamW.")
+    lr: PositiveFloat = Field(0.05, description="Learning rate.")
+    momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum (ignored by AdamW).")
+    nesterov: bool = Field(True, description="Nesterov momentum for SGD when momentum > 0.")
+    weight_decay: float = Field(5e-4, ge=0, description="L2 penalty (decoupled for AdamW).")
     lr_milestones: list[PositiveInt] = Field(default_factory=list, description="Steps where lr *= lr_gamma.")
     lr_gamma: PositiveFloat = 0.1
 
 
 class ScalingSpec(BaseModel):
+    """Ray Train workers: W data-parallel ranks; partition p is read by rank p mod W."""
+
     model_config = ConfigDict(frozen=True, extra="forbid")
-    num_workers: PositiveInt = 2
-    use_gpu: bool = False
-    cpus_per_worker: PositiveFloat = 1.0
+    num_workers: PositiveInt = Field(2, description="Data-parallel workers (DDP ranks).")
+    use_gpu: bool = Field(False, description="One GPU per worker (NCCL); CPU and gloo otherwise.")
+    cpus_per_worker: PositiveFloat = Field(1.0, description="CPUs Ray reserves per worker.")
 
 
 class CheckpointSpec(BaseModel):
+    """When and where the model, optimizer, schedules, counters and offsets are saved as one unit
+    (also at the end of a bounded job and on a stop)."""
+
     model_config = ConfigDict(frozen=True, extra="forbid")
     every_steps: PositiveInt | None = Field(100, description="Checkpoint every N optimizer steps.")
     every_s: PositiveFloat | None = Field(None, description="... and/or every T seconds.")
@@ -52,11 +61,14 @@ class CheckpointSpec(BaseModel):
 
 
 class JobSpec(BaseModel):
+    """One training job. Running it again with the same ``job_id`` and storage resumes it from
+    its latest checkpoint, offsets included."""
+
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     job_id: str = Field(pattern=r"^[a-z0-9][a-z0-9-]{0,62}$", description="Also names the consumer group cicw-<job_id>.")
-    source: SourceSpec
-    codec: CodecSpec
+    source: SourceSpec = Field(description="The topic and how to read it.")
+    codec: CodecSpec = Field(description="How records become tensors.")
     model: ModelSpec = Field(default_factory=ModelSpec)
     optimizer: OptimizerSpec = Field(default_factory=OptimizerSpec)
     cicw: CICWConfig = Field(default_factory=CICWConfig)

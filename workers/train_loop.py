@@ -14,6 +14,7 @@ import json
 import os
 import tempfile
 import time
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -27,9 +28,10 @@ from .codecs import decode_batch
 from .control import StopWatch
 from .dead_letters import DeadLetterSink
 from .evaluation import load_eval_set, score
-from .job_spec import JobSpec
+from .job_spec import JobSpec, OptimizerSpec
 from .models import build_model
 from .source import KafkaSource
+from .stream_metrics import MetricWindow
 
 # While no rank has records, a stalled job still reports this often (the CLI shows the stall).
 IDLE_REPORT_EVERY_S = 5.0
@@ -37,6 +39,19 @@ IDLE_REPORT_EVERY_S = 5.0
 
 class SourceStalledError(RuntimeError):
     """The broker stayed unreachable past the job's ``source.stall_deadline_s``."""
+
+
+def build_optimizer(spec: OptimizerSpec, params: Iterable[torch.nn.Parameter],
+                    ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.MultiStepLR]:
+    """The optimizer and its step-wise LR schedule that a job spec names."""
+    optimizer: torch.optim.Optimizer
+    if spec.name == "sgd":
+        optimizer = torch.optim.SGD(params, lr=spec.lr, momentum=spec.momentum,
+                                    nesterov=spec.nesterov and spec.momentum > 0, weight_decay=spec.weight_decay)
+    else:
+        optimizer = torch.optim.AdamW(params, lr=spec.lr, weight_decay=spec.weight_decay)
+    return optimizer, torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=spec.lr_milestones,
+                                                           gamma=spec.lr_gamma)
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
@@ -62,15 +77,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     if state is not None:
         model.load_state_dict(state["model"])
     model = ray.train.torch.prepare_model(model)  # DDP when world > 1; moves to the device
-    opt_spec = spec.optimizer
-    if opt_spec.name == "sgd":
-        optimizer: torch.optim.Optimizer = torch.optim.SGD(model.parameters(), lr=opt_spec.lr, momentum=opt_spec.momentum,
-                                                           nesterov=opt_spec.nesterov and opt_spec.momentum > 0,
-                                                           weight_decay=opt_spec.weight_decay)
-    else:
-        optimizer = torch.optim.AdamW(model.parameters(), lr=opt_spec.lr, weight_decay=opt_spec.weight_decay)
-    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=opt_spec.lr_milestones,
-                                                     gamma=opt_spec.lr_gamma)
+    optimizer, scheduler = build_optimizer(spec.optimizer, model.parameters())
     loss_fn = CICWLoss(spec.cicw, num_classes=spec.codec.num_classes,
                        generator=torch.Generator(device=device).manual_seed(1234))
     counters = {"step": 0, "examples": 0, "rejected": 0, "noise_down": 0, "noise_corrupted": 0, "noise_hit": 0}
@@ -130,25 +137,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         ray.train.report(metrics)
         publish(metrics)
 
-    def window_metrics(w: dict[str, float]) -> dict[str, Any]:
+    def window_metrics(w: MetricWindow) -> dict[str, Any]:
         """Counters plus the metrics of the steps since the last report, over all ranks."""
-        correct, seen, loss_sum, down, corrupted, hit, lag = all_ranks_sum(
-            [w["correct"], w["seen"], w["loss"], w["down"], w["corrupted"], w["down_and_corrupted"],
-             source.lag()])
-        # Noise detection is reported over the job's whole life (every rank adds the same sums).
-        counters["noise_down"] += int(down)
-        counters["noise_corrupted"] += int(corrupted)
-        counters["noise_hit"] += int(hit)
-        elapsed = time.monotonic() - w["started"]
+        *sums, lag = all_ranks_sum([*w.sums(), source.lag()])
         return {"step": counters["step"], "examples": counters["examples"], "rejected": counters["rejected"],
-                "records_per_s": w["examples"] / elapsed if elapsed > 0 else float("nan"),
-                "lag": int(lag), "stalled_s": 0.0,
-                "loss": loss_sum / w["steps"] if w["steps"] else float("nan"),
-                "prequential_accuracy": correct / seen if seen else float("nan"),
-                "noise_precision": (counters["noise_hit"] / counters["noise_down"]
-                                    if counters["noise_down"] else float("nan")),
-                "noise_recall": (counters["noise_hit"] / counters["noise_corrupted"]
-                                 if counters["noise_corrupted"] else float("nan"))}
+                "lag": int(lag), "stalled_s": 0.0, **w.summary(sums, counters)}
 
     record_log = None
     if spec.record_log_dir is not None:
@@ -156,10 +149,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         record_log = open(Path(spec.record_log_dir) / f"rank{rank}.jsonl", "a")  # noqa: SIM115 - closed below
     resumed_from = counters["step"]
     last_checkpoint = time.monotonic()
-
-    def fresh_window() -> dict[str, float]:
-        return {"loss": 0.0, "correct": 0.0, "seen": 0.0, "steps": 0.0, "down": 0.0, "corrupted": 0.0,
-                "down_and_corrupted": 0.0, "examples": 0.0, "started": time.monotonic()}
 
     def evaluate() -> dict[str, float]:
         assert eval_set is not None and spec.evaluation is not None
@@ -169,7 +158,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         return {"eval_accuracy": correct / n if n else float("nan"),
                 "eval_loss": loss_sum / n if n else float("nan"), "eval_examples": int(n)}
 
-    window = fresh_window()
+    window = MetricWindow()
     last_idle_report = time.monotonic()
     stop_reason: str | None = None
     try:
@@ -203,7 +192,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             if n_global == 0:
                 # Caught up (or stalled): report the steps not reported yet at once, so watchers
                 # see exact counts, then a heartbeat (with the stall, if any) every few seconds.
-                if window["steps"] or idle_due:
+                if window.steps or idle_due:
                     metrics = window_metrics(window)
                     if stalled:
                         worst = torch.tensor([stalled_s])
@@ -212,9 +201,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                         metrics.update(stalled_s=float(worst),
                                        stall_reason=source.trouble or "another rank's broker is unreachable")
                     report(metrics)
-                    window, last_idle_report = fresh_window(), now
+                    window, last_idle_report = MetricWindow(), now
                 continue
             x, y = batch.inputs.to(device), batch.targets.to(device)
+            weights_active = not loss_fn.schedule.in_burn_in  # for this step, before loss_fn.step()
             out = loss_fn(model, x, y)
             # DDP averages gradients over ranks; each rank's loss is its share of the global
             # weighted loss, so scaling by the world size yields the global loss's gradient.
@@ -225,29 +215,15 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             loss_fn.step()
             counters["step"] += 1
             counters["examples"] += int(n_global)
-            window["examples"] += n_global
+            window.observe(loss=out.loss, targets=y, clean_labels=batch.clean_labels, logits=out.logits,
+                           weights=out.weights, global_examples=int(n_global),
+                           weights_active=weights_active)
             if record_log is not None:
                 trained = [[r.partition, r.offset] for r in (records or [])
                            if all(r is not rej.record for rej in batch.rejected)]
                 record_log.write(json.dumps({"pid": os.getpid(), "resumed_from": resumed_from,
                                              "step": counters["step"], "records": trained}) + "\n")
                 record_log.flush()
-            hard = y.dim() == 1
-            if hard and not loss_fn.schedule.in_burn_in:
-                # Records that carry their true label (synthetic noise) tell how well the weights
-                # find the noise: "down-weighted" (n*w < 1/4, as in the diagnostics) against
-                # "label was corrupted", counted over records with a clean label.
-                known = batch.clean_labels.to(device) >= 0
-                corrupted = known & (batch.clean_labels.to(device) != y)
-                down = known & (out.weights * n_global < 0.25)
-                window["down_and_corrupted"] += float((down & corrupted).sum())
-                window["down"] += float(down.sum())
-                window["corrupted"] += float(corrupted.sum())
-            if out.logits is not None and hard:  # prequential: predictions made before this update
-                window["correct"] += float((out.logits.argmax(1) == y).sum())
-                window["seen"] += len(y)
-            window["loss"] += float(out.loss.detach())  # this rank's share; summed over ranks below
-            window["steps"] += 1
             step = counters["step"]
             due = (spec.checkpoint.every_steps is not None and step % spec.checkpoint.every_steps == 0) or time_due > 0
             eval_due = spec.evaluation is not None and step % spec.evaluation.every_steps == 0
@@ -256,7 +232,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                                                         if not isinstance(v, list)}}
                 if eval_due:
                     metrics.update(evaluate())
-                window = fresh_window()
+                window = MetricWindow()
                 last_idle_report = time.monotonic()
                 if due:
                     save_and_report(metrics)
