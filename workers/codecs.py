@@ -152,6 +152,8 @@ def _decode_raw_chunk(chunk: RecordChunk, fmt: RawFormat, spec: CodecSpec) -> De
         targets, clean_labels = np.array(labels, dtype=np.int64), np.array(clean, dtype=np.int64)
     m = len(values)
     x = np.frombuffer(b"".join(values), dtype=dtype).reshape(m, *spec.input_shape).astype(np.float32)  # type: ignore[arg-type]
+    if fmt.scale != 1.0:
+        x *= np.float32(fmt.scale)
     if dtype.kind == "f":
         finite = np.isfinite(x.reshape(m, -1)).all(axis=1)
         if not finite.all():
@@ -223,7 +225,8 @@ def _decode_raw(value: bytes, fmt: RawFormat, spec: CodecSpec) -> np.ndarray:
     if len(value) != expected:
         raise RecordRejected(f"raw value has {len(value)} bytes, expected {expected} "
                              f"({fmt.dtype} x {list(spec.input_shape)})")
-    return np.frombuffer(value, dtype=dtype).astype(np.float32).reshape(spec.input_shape)
+    x = np.frombuffer(value, dtype=dtype).astype(np.float32).reshape(spec.input_shape)
+    return x * np.float32(fmt.scale) if fmt.scale != 1.0 else x
 
 
 def _decode_image(value: bytes, fmt: ImageFormat, spec: CodecSpec) -> np.ndarray:

@@ -289,8 +289,11 @@ class RawFormat(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
     kind: Literal["raw"] = "raw"
-    dtype: Literal["float32", "float64", "float16", "uint8", "int8", "int16", "int32"] = "float32"
-    label_from: LabelSource = "header"
+    dtype: Literal["float32", "float64", "float16", "uint8", "int8", "int16", "int32"] = Field(
+        "float32", description="Element type of the value's tensor (little-endian).")
+    label_from: LabelSource = Field("header", description="Where the class index is: a header or the key.")
+    scale: float = Field(1.0, description="Features are multiplied by this, e.g. 1/255 (0.00392156862745098) "
+                                          "for uint8 pixels, so networks see [0, 1].")
 
 
 class ImageFormat(BaseModel):

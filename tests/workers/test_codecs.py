@@ -68,6 +68,8 @@ def test_raw_records_with_header_or_key_labels() -> None:
     assert batch.next_offsets == {("t", 0): 5, ("t", 1): 6}
     keyed = CodecSpec(format=RawFormat(label_from="key"), input_shape=(3,), num_classes=4)
     assert decode_batch([_rec(arr, key=b"3")], keyed).targets.tolist() == [3]
+    scaled = CodecSpec(format=RawFormat(scale=0.5), input_shape=(3,), num_classes=4)
+    assert decode_batch([_rec(arr, label=1)], scaled).inputs.tolist() == [[0.5, -1.0, 0.25]]
 
 
 def _png(size: tuple[int, int], mode: str = "RGB") -> bytes:
@@ -175,7 +177,7 @@ def test_raw_chunk_rejects_bad_records_in_place_and_keeps_the_rest_in_order() ->
 def test_raw_chunk_agrees_with_the_per_record_checks(label_from: str) -> None:
     # The bulk path must accept, reject and parse exactly as decode_record and the clean-label
     # check do, record by record, whatever the label's spelling.
-    spec = CodecSpec(format=RawFormat(dtype="uint8", label_from=label_from),  # type: ignore[arg-type]
+    spec = CodecSpec(format=RawFormat(dtype="uint8", label_from=label_from, scale=1 / 255),  # type: ignore[arg-type]
                      input_shape=(3,), num_classes=10, max_record_bytes=3)
     spellings: list[bytes | None] = [b"0", b"9", b"10", b"07", b" 3", b"3 ", b"+3", b"-1", b"x", b"", None,
                                      "\u0663".encode()]
