@@ -37,7 +37,7 @@ class OptimizerSpec(BaseModel):
     nesterov: bool = Field(True, description="Nesterov momentum for SGD when momentum > 0.")
     weight_decay: float = Field(5e-4, ge=0, description="L2 penalty (decoupled for AdamW).")
     lr_milestones: list[PositiveInt] = Field(default_factory=list, description="Steps where lr *= lr_gamma.")
-    lr_gamma: PositiveFloat = 0.1
+    lr_gamma: PositiveFloat = Field(0.1, description="Factor applied to the LR at each milestone.")
 
 
 class ScalingSpec(BaseModel):

@@ -302,9 +302,11 @@ class ImageFormat(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
     kind: Literal["image"] = "image"
-    label_from: LabelSource = "header"
-    mean: tuple[float, ...] | None = None
-    std: tuple[float, ...] | None = None
+    label_from: LabelSource = Field("header", description="Where the class index is: a header or the key.")
+    mean: tuple[float, ...] | None = Field(None, description="Per-channel mean subtracted after scaling.")
+    std: tuple[float, ...] | None = Field(None, description="Per-channel standard deviation divided by.")
+    augment: bool = Field(False, description="Training batches get the standard augmentation: zero-pad 4, "
+                                             "random crop, random horizontal flip (never the evaluation set).")
 
 
 RecordFormat = Annotated[JsonFormat | RawFormat | ImageFormat, Field(discriminator="kind")]
@@ -319,5 +321,5 @@ class CodecSpec(BaseModel):
     input_shape: tuple[PositiveInt, ...] = Field(description="Shape of one example's features.")
     num_classes: int = Field(ge=2, description="Labels are class indices in [0, num_classes).")
     max_record_bytes: PositiveInt = Field(1 << 20, description="Larger values are rejected.")
-    label_header: str = "label"
+    label_header: str = Field("label", description="Header holding the class index (raw and image formats).")
     clean_label_header: str = Field("clean_label", description="Optional true label (synthetic noise).")

@@ -20,28 +20,34 @@ from .records import RecordChunk
 
 
 class StartAtTimestamp(BaseModel):
+    """Start each partition at its first record with a timestamp at or after this time."""
+
     model_config = ConfigDict(frozen=True, extra="forbid")
-    timestamp_ms: NonNegativeInt
+    timestamp_ms: NonNegativeInt = Field(description="Milliseconds since the Unix epoch.")
 
 
 class StartAtOffsets(BaseModel):
     """Explicit next offsets per partition; partitions not listed start at the earliest."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
-    offsets: dict[int, NonNegativeInt]
+    offsets: dict[int, NonNegativeInt] = Field(description="Partition -> next offset to read.")
 
 
 class SourceSpec(BaseModel):
+    """The topic a job trains on and how each worker reads its partitions."""
+
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     bootstrap_servers: str = Field(description="Kafka bootstrap servers, host:port[,host:port].")
-    topic: str
-    client: ClientName = "confluent"
-    start: Literal["earliest", "latest"] | StartAtTimestamp | StartAtOffsets = "earliest"
+    topic: str = Field(description="The labelled records; dead letters go to <topic>.dlq.")
+    client: ClientName = Field("confluent", description="Kafka client library: confluent-kafka (fast) or "
+                                                        "kafka-python (pure Python).")
+    start: Literal["earliest", "latest"] | StartAtTimestamp | StartAtOffsets = Field(
+        "earliest", description="Where a new job starts; a resumed job starts at its checkpoint's offsets.")
     stop_at: Literal["never", "end"] = Field(
         "never", description="'end': finish once every partition reached the end offset snapshotted "
                              "at start and a fetch returns nothing more (bounded jobs, benchmarks).")
-    batch_size: PositiveInt = 128
+    batch_size: PositiveInt = Field(128, description="Records per worker per step (the global batch is W times).")
     max_wait_s: PositiveFloat = Field(0.2, description="A batch is cut after this long even if smaller.")
     queue_records: PositiveInt = Field(8192, description="Records buffered ahead of the train loop.")
     fetch_records: PositiveInt = Field(1024, description="Records asked for per poll.")

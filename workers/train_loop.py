@@ -23,6 +23,7 @@ import torch.distributed as dist
 
 from cicw import CICWLoss
 
+from .augment import pad_crop_flip
 from .checkpoints import load_state, save_state
 from .codecs import decode_batch
 from .control import StopWatch
@@ -30,6 +31,7 @@ from .dead_letters import DeadLetterSink
 from .evaluation import load_eval_set, score
 from .job_spec import JobSpec, OptimizerSpec
 from .models import build_model
+from .records import ImageFormat
 from .source import KafkaSource
 from .stream_metrics import MetricWindow
 
@@ -94,6 +96,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     source = KafkaSource(spec.source, rank=rank, world_size=world, group_id=spec.consumer_group,
                          resume_offsets=offsets).start()
     stop_watch = StopWatch(channel if rank == 0 else None)
+    augment = isinstance(spec.codec.format, ImageFormat) and spec.codec.format.augment
+    augment_rng = torch.Generator(device=device).manual_seed(1000 + rank)
     dlq = DeadLetterSink(Producer({"bootstrap.servers": spec.source.bootstrap_servers,
                                    **spec.source.client_config}))
     committer = (Consumer({"bootstrap.servers": spec.source.bootstrap_servers, "group.id": spec.consumer_group,
@@ -204,6 +208,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                     window, last_idle_report = MetricWindow(), now
                 continue
             x, y = batch.inputs.to(device), batch.targets.to(device)
+            if augment:
+                x = pad_crop_flip(x, generator=augment_rng)
             weights_active = not loss_fn.schedule.in_burn_in  # for this step, before loss_fn.step()
             out = loss_fn(model, x, y)
             # DDP averages gradients over ranks; each rank's loss is its share of the global

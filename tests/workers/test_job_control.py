@@ -251,15 +251,27 @@ def test_train_command_with_eval_set_factory_model_and_an_empty_rank(
 
 def test_sigint_to_the_train_command_checkpoints_and_exits_cleanly(kafka_broker: EmbeddedBroker,
                                                                     tmp_path: Path) -> None:
+    import io
     import os
     import signal
     import subprocess
     import sys
 
+    from PIL import Image
+
     topic = f"sig-{uuid.uuid4().hex[:8]}"
     ensure_topic(kafka_broker.bootstrap, topic, 2)
-    _send(kafka_broker.bootstrap, topic, 200, partitions=[0, 1])
-    spec = _spec(kafka_broker.bootstrap, topic, tmp_path)  # unbounded: it would run forever
+    # PNG records through the image codec with the pad-crop-flip augmentation.
+    producer = Producer({"bootstrap.servers": kafka_broker.bootstrap})
+    rng = np.random.default_rng(3)
+    for i in range(200):
+        buf = io.BytesIO()
+        Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(buf, format="PNG")
+        producer.produce(topic, buf.getvalue(), partition=i % 2, headers=[("label", str(i % 3).encode())])
+    assert producer.flush(10) == 0
+    spec = _spec(kafka_broker.bootstrap, topic, tmp_path,  # unbounded: it would run forever
+                 codec={"format": {"kind": "image", "augment": True}, "input_shape": [3, 8, 8], "num_classes": 3},
+                 model={"name": "small_cnn", "options": {"width": 4}})
     (tmp_path / "job.json").write_text(spec.model_dump_json())
     proc = subprocess.Popen([sys.executable, "-m", "service.cli", "train", str(tmp_path / "job.json"), "--json"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
