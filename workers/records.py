@@ -51,7 +51,7 @@ class RecordChunk(Sequence[KafkaRecord]):
     decoded from it hold. A chunk made from KafkaRecords yields those very objects, and so do
     its slices. Compares equal to any sequence of equal records (an empty chunk equals []).
 
-    ``timestamps`` holds milliseconds, -1 where the client gave none.
+    The ``timestamps`` column holds milliseconds, -1 where the client gave none.
     """
 
     __slots__ = ("topic", "_values", "_partitions", "_offsets", "_keys", "_headers", "_timestamps", "_records")
