@@ -126,8 +126,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                                    "counters": dict(counters), "offsets": all_offsets,
                                    "topic": spec.source.topic, "job_id": spec.job_id})
             ckpt = ray.train.Checkpoint.from_directory(directory)
+        # Step 3. The upload is synchronous; the local copy goes afterwards (jobs run for days).
         ray.train.report({**metrics, "offsets": {str(p): o for p, o in sorted(all_offsets.items())}},
-                         checkpoint=ckpt)  # Step 3
+                         checkpoint=ckpt, delete_local_checkpoint_after_upload=ckpt is not None)
         publish({**metrics, "checkpoint_step": counters["step"]})
         if committer is not None and all_offsets:  # Step 4
             committer.commit(offsets=[TopicPartition(spec.source.topic, p, o) for p, o in all_offsets.items()],
