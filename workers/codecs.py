@@ -151,7 +151,7 @@ def _decode_raw_chunk(chunk: RecordChunk, fmt: RawFormat, spec: CodecSpec) -> De
             clean = [clean[i] for i in kept_at]
         targets, clean_labels = np.array(labels, dtype=np.int64), np.array(clean, dtype=np.int64)
     m = len(values)
-    x = np.frombuffer(b"".join(values), dtype=dtype).reshape(m, *spec.input_shape).astype(np.float32)  # type: ignore[arg-type]
+    x = np.frombuffer(b"".join(values), dtype=dtype).reshape(m, *spec.input_shape).astype(np.float32)
     if fmt.scale != 1.0:
         x *= np.float32(fmt.scale)
     if dtype.kind == "f":

@@ -155,7 +155,8 @@ def test_raw_chunk_rejects_bad_records_in_place_and_keeps_the_rest_in_order() ->
             (0, 14, val(14, 15), [("label", b"0"), ("label", b"2")])]         # repeated: the last wins
     chunk = _chunk(rows)
     batch = decode_batch(chunk, spec)
-    assert [(r.record.partition, r.record.offset) for r in batch.rejected] == [(0, 11), (1, 21), (0, 12), (1, 22), (1, 23)]
+    assert [(r.record.partition, r.record.offset) for r in batch.rejected] == [
+        (0, 11), (1, 21), (0, 12), (1, 22), (1, 23)]
     assert [r.reason.split(" ")[0] for r in batch.rejected] == ["raw", "empty", "label", "features", "clean"]
     torch.testing.assert_close(batch.inputs, torch.tensor([[1.0, 2.0], [3.0, 4.0], [10.0, 11.0], [14.0, 15.0]]))
     assert batch.targets.tolist() == [0, 1, 7, 2] and batch.clean_labels.tolist() == [2, -1, 1, -1]
