@@ -98,32 +98,31 @@ def run_job(spec: JobSpec, *, ray_address: str | None = None, num_cpus: int | No
     runner = threading.Thread(target=fit, name=f"fit-{spec.job_id}", daemon=True)
     runner.start()
     stop_sent = False
+    last: dict[str, Any] = {}  # the latest report, kept for a failure's summary
+
+    def relay() -> None:
+        for metrics in ray.get(channel.drain.remote()):
+            last.clear()
+            last.update(metrics)
+            if on_report is not None:
+                on_report(metrics)
+
     try:
         while runner.is_alive():
             runner.join(poll_s)
             if not stop_sent and stop_requested is not None and (reason := stop_requested()) is not None:
                 channel.request_stop.remote(reason)
                 stop_sent = True
-            _relay(channel, on_report)
-        _relay(channel, on_report)
+            relay()
+        relay()
     finally:
         ray.kill(channel)
     if "error" in outcome:
-        return JobResult(state="failed", metrics={}, checkpoint_path=None, error=_reason(outcome["error"]))
+        return JobResult(state="failed", metrics=dict(last), checkpoint_path=None, error=_reason(outcome["error"]))
     result = outcome["result"]
     metrics = dict(result.metrics or {})
     return JobResult(state="stopped" if metrics.get("stopped") else "finished", metrics=metrics,
                      checkpoint_path=result.checkpoint.path if result.checkpoint else None, error=None)
-
-
-def _relay(channel: Any, on_report: Callable[[dict[str, Any]], None] | None) -> None:
-    import ray
-
-    if on_report is None:
-        ray.get(channel.drain.remote())  # keep the actor's buffer from filling up
-        return
-    for metrics in ray.get(channel.drain.remote()):
-        on_report(metrics)
 
 
 def _reason(exc: BaseException) -> str:

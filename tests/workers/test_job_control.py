@@ -191,6 +191,7 @@ def test_broker_outage_past_the_deadline_fails_the_job_with_the_reason(local_ray
         _join_checked(thread)
     assert result.state == "failed"
     assert "past source.stall_deadline_s=3.0" in (result.error or ""), result.error
+    assert result.metrics["examples"] == 100  # the last report before the failure
     assert time.monotonic() - started < 120
 
 
