@@ -19,7 +19,8 @@ and produce-to-optimizer-step latency under a rate-limited producer.
     it can sustain. Run for several consumer settings (--latency-configs): SourceSpec.fetch_records
     (the poller's consume() waits up to 0.1 s to fill that many) and the client's
     fetch.wait.max.ms (how long a broker may hold a fetch; the embedded broker holds it that long
-    even when records arrive, so the client default of 500 ms dominates the latency).
+    even when records arrive; librdkafka's 500 ms set the latency until the library's default
+    became 100 ms, workers.kafka_clients.CONFLUENT_DEFAULTS).
 
 Records are what `cicw-stream produce` writes for Fashion-MNIST: 784 raw uint8 bytes, labels in
 the "label" and "clean_label" headers (real Fashion-MNIST when the Debian package is installed,
@@ -487,7 +488,7 @@ def paced_producer(bootstrap: str, topic: str, pixels: np.ndarray, labels: np.nd
 @dataclass(frozen=True)
 class LatencyConfig:
     fetch_records: int  # SourceSpec.fetch_records: records asked for per client poll
-    fetch_wait_ms: int | None  # consumer fetch.wait.max.ms; None: the client's default
+    fetch_wait_ms: int | None  # consumer fetch.wait.max.ms; None: the library's default (CONFLUENT_DEFAULTS)
 
     @property
     def client_config(self) -> dict[str, str]:
@@ -689,7 +690,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="SourceSpec.fetch_records in (1)")
     p.add_argument("--latency-configs", type=parse_configs, default=parse_configs("1024:default,128:default,128:50"),
                    help="latency runs, FETCH_RECORDS:FETCH_WAIT_MS,...: SourceSpec.fetch_records and the consumer's "
-                        "fetch.wait.max.ms ('default': the client's own, 500 ms for librdkafka)")
+                        "fetch.wait.max.ms ('default': the library's, CONFLUENT_DEFAULTS)")
     p.add_argument("--rate", type=float, default=TARGET_RATE, help="latency producer records/s; 0 skips (2)")
     p.add_argument("--seconds", type=float, default=10.0, help="latency measurement window")
     p.add_argument("--warmup-s", type=float, default=2.0, help="latency: records produced earlier are not counted")

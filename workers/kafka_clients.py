@@ -21,6 +21,11 @@ CONFLUENT_DEFAULTS: dict[str, object] = {
     # it pauses fetching for this long; at the default 1 s a reader that then drains the
     # 64 MB queue in 0.2 s (300k+ records/s of 800 bytes) sat idle for the rest of the second.
     "fetch.queue.backoff.ms": 50,
+    # How long a broker may hold a fetch waiting for data. Kafka answers as soon as records
+    # arrive, but the embedded broker (Tansu) holds every fetch this long, so librdkafka's 500 ms
+    # set the produce-to-step latency there (p50 ~240 ms at 10k records/s; ~47 ms at 50 ms, see
+    # BENCHMARKS.md). 100 ms costs an idle consumer a few more fetch requests per second.
+    "fetch.wait.max.ms": 100,
 }
 
 # Messages asked of confluent-kafka per consume() call (see ConfluentClient.poll).
