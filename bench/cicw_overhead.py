@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import sys
 import time
@@ -41,6 +40,7 @@ import torch
 import torch.nn.functional as F
 
 import cicw
+from machine_info import cpu_name  # bench/ is on sys.path when a bench script runs
 from workers.models import build_model
 
 GAMMA = 0.01
@@ -245,14 +245,7 @@ def profile_step(method: str, name: str, device: torch.device, steps: int) -> st
 
 
 def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = cpu_name()
     cuda = torch.cuda.get_device_name() if torch.cuda.is_available() else "none"
     return (f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__} "
             f"({torch.get_num_threads()} thread(s)), CUDA: {cuda}")

@@ -52,7 +52,6 @@ from __future__ import annotations
 import argparse
 import multiprocessing as mp
 import os
-import platform
 import statistics
 import sys
 import time
@@ -67,6 +66,7 @@ import torch
 from confluent_kafka import Producer
 
 from cicw import CICWConfig, CICWLoss
+from machine_info import cpu_name  # bench/ is on sys.path when a bench script runs
 from workers.broker import EmbeddedBroker
 from workers.codecs import decode_batch
 from workers.datasets import FASHION_MNIST_DIR, load_fashion_mnist
@@ -656,14 +656,7 @@ def latency_section(args: argparse.Namespace, bootstrap: str, workload: Workload
 
 
 def machine(device: torch.device) -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = cpu_name()
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "not used"
     return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, GPU: {gpu}"
 
