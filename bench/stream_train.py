@@ -1,8 +1,9 @@
 """Training throughput streaming from Kafka against the same model fed from in-memory tensors,
 and produce-to-optimizer-step latency under a rate-limited producer.
 
-(1) Throughput, one process, world size 1. "kafka": KafkaSource (stop_at="end") -> decode_batch
-    -> one CICWLoss step (forward, backward, optimizer step) per batch; "memory": the same model,
+(1) Throughput, one process, world size 1. "kafka": KafkaSource (stop_at="end") -> DecodedBatches
+    (the train loop's feed: a thread runs decode_batch on the next batch while a step runs) -> one
+    CICWLoss step (forward, backward, optimizer step) per batch; "memory": the same model,
     optimizer and CICWLoss fed batches of the same size from tensors already in memory (made by
     decode_batch from the same records, so both feeds train on the same values). A fresh model
     per run, runs interleaved (order alternating), medians over repeats; the ratio is the median
@@ -71,6 +72,7 @@ from workers.broker import EmbeddedBroker
 from workers.codecs import decode_batch
 from workers.datasets import FASHION_MNIST_DIR, load_fashion_mnist
 from workers.models import build_model
+from workers.prefetch import DecodedBatches
 from workers.records import CodecSpec, KafkaRecord, RawFormat, RecordChunk
 from workers.source import KafkaSource, SourceSpec
 from workers.topics import ensure_topic
@@ -289,8 +291,7 @@ class RunResult:
     steps: int
     cpu: CpuUse
     start_s: float = 0.0  # KafkaSource.start() until the first batch
-    wait_s: float = 0.0  # main thread in next_batch
-    decode_s: float = 0.0  # main thread in decode_batch
+    wait_s: float = 0.0  # main thread waiting for the next decoded batch
     train_s: float = 0.0  # main thread in the training step
 
     @property
@@ -317,36 +318,38 @@ def run_memory(trainer: Trainer, x: torch.Tensor, y: torch.Tensor, batch_size: i
 
 
 def run_kafka(trainer: Trainer, spec: SourceSpec, codec: CodecSpec, n: int, meter: Meter) -> RunResult:
+    """The train loop's feed: DecodedBatches fetches and decodes the next batch in a thread while
+    the current step runs (so decode time is not on the main thread; wait_s is what it waited)."""
     source = KafkaSource(spec, group_id=f"bench-{uuid.uuid4().hex[:6]}")
     before = meter.snapshot()
     got = steps = 0
-    first = wait = decode = train = 0.0
+    first = wait = train = 0.0
     source.start()
+    batches = DecodedBatches(source, codec)
     try:
         while got < n:
             t0 = time.perf_counter()
-            records = source.next_batch()
+            ready = batches.next()
             t1 = time.perf_counter()
-            if records is None:
+            if ready is None:
                 raise RuntimeError(f"source ended after {got} of {n} records")
             wait += t1 - t0
-            if not records:
+            if not ready.records:
                 continue
             first = first or t1 - before.wall
-            batch = decode_batch(records, codec)
-            if batch.rejected:
-                raise RuntimeError(f"rejected: {batch.rejected[0].reason}")
-            t2 = time.perf_counter()
-            trainer.step(batch.inputs, batch.targets)
-            decode, train = decode + t2 - t1, train + time.perf_counter() - t2
-            got += len(records)
+            if ready.decoded.rejected:
+                raise RuntimeError(f"rejected: {ready.decoded.rejected[0].reason}")
+            trainer.step(ready.decoded.inputs, ready.decoded.targets)
+            train += time.perf_counter() - t1
+            got += len(ready.records)
             steps += 1
         trainer.sync()
         after = meter.snapshot()  # before close(): the end-of-topic check is not part of training
     finally:
+        batches.close()
         source.close()
     return RunResult(got, after.wall - before.wall, steps, CpuUse.between(before, after),
-                     start_s=first, wait_s=wait, decode_s=decode, train_s=train)
+                     start_s=first, wait_s=wait, train_s=train)
 
 
 @dataclass
@@ -411,7 +414,7 @@ def feed_line(threads: int, name: str, runs: list[RunResult]) -> str:
 
     return (f"{threads:>7} {name:>6} {statistics.median(r.rate for r in runs):>8.0f} "
             f"{statistics.median(r.steps for r in runs):>5.0f} {statistics.median(r.start_s for r in runs):>6.2f} "
-            f"{ms_per_step(lambda r: r.wait_s):>6.2f} {ms_per_step(lambda r: r.decode_s):>6.2f} "
+            f"{ms_per_step(lambda r: r.wait_s):>6.2f} "
             f"{ms_per_step(lambda r: r.train_s):>6.2f} {ms_per_step(lambda r: r.stall_s):>6.2f} "
             f"{_med([r.cpu.main for r in runs])} {_med([r.cpu.other_threads for r in runs])} "
             f"{_med([r.cpu.helper(0) for r in runs])} {_med([r.cpu.foreign for r in runs])}")
@@ -434,11 +437,11 @@ def throughput_lines(pair: Pair, threads: int, model: str, device: torch.device)
     return lines
 
 
-THROUGHPUT_HEADER = (f"{'threads':>7} {'feed':>6} {'rec/s':>8} {'steps':>5} {'start':>6} {'wait':>6} {'decode':>6} "
+THROUGHPUT_HEADER = (f"{'threads':>7} {'feed':>6} {'rec/s':>8} {'steps':>5} {'start':>6} {'wait':>6} "
                      f"{'train':>6} {'stall':>6} {'main':>6} {'other':>6} {'broker':>6} {'foreign':>6}")
-THROUGHPUT_LEGEND = ("start: s from KafkaSource.start() to the first batch; wait/decode/train: main-thread ms per step "
-                     "in next_batch / decode_batch / the CICW step; stall: ms per step the main thread was off-CPU "
-                     "outside next_batch (waiting for the GIL or a core); main/other/broker/foreign: cores busy on "
+THROUGHPUT_LEGEND = ("start: s from KafkaSource.start() to the first batch; wait/train: main-thread ms per step "
+                     "waiting for the next decoded batch (decode-ahead, workers.prefetch) / in the CICW step; stall: "
+                     "ms per step the main thread was off-CPU while not waiting for data (waiting for the GIL or a core); main/other/broker/foreign: cores busy on "
                      "average in the main thread / this process's other threads (poller, librdkafka, torch workers) "
                      "/ the broker / all other processes. Medians over uncontended pairs (foreign < "
                      f"{CONTENDED_CORES} cores) when there are any.")
@@ -557,11 +560,12 @@ def latency_run(args: argparse.Namespace, bootstrap: str, workload: Workload, ra
         hard_stop = time.monotonic() + duration + args.drain_s
         consumed = 0
         cpu_start, cpu = meter.snapshot(), None
+        batches = DecodedBatches(source, workload.codec)
         while (total is None or consumed < total.records) and time.monotonic() < hard_stop:
-            records = source.next_batch() or []
-            if records:
-                batch = decode_batch(records, workload.codec)
-                trainer.step(batch.inputs, batch.targets)
+            ready = batches.next()
+            records = ready.records if ready is not None else []
+            if ready is not None and records:
+                trainer.step(ready.decoded.inputs, ready.decoded.targets)
                 trainer.sync()  # "finished" means finished on the device too
                 done_ns.append(time.time_ns())
                 produced_ns.append(produce_times_ns(records))
@@ -571,6 +575,7 @@ def latency_run(args: argparse.Namespace, bootstrap: str, workload: Workload, ra
         if total is None:
             total = report.get(timeout=60)
         stopped_ns = time.time_ns()
+        batches.close()
     return summarise_latency(rate, config, total, produced_ns, done_ns, stopped_ns, cpu)
 
 

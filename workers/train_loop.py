@@ -31,6 +31,7 @@ from .dead_letters import DeadLetterSink
 from .evaluation import load_eval_set, score
 from .job_spec import JobSpec, OptimizerSpec
 from .models import build_model
+from .prefetch import DecodedBatches
 from .records import ImageFormat
 from .source import KafkaSource
 from .stream_metrics import MetricWindow
@@ -95,6 +96,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 if spec.evaluation is not None else None)
     source = KafkaSource(spec.source, rank=rank, world_size=world, group_id=spec.consumer_group,
                          resume_offsets=offsets).start()
+    batches = DecodedBatches(source, spec.codec)  # decodes the next batch while a step runs
+    nothing = decode_batch([], spec.codec)
     stop_watch = StopWatch(channel if rank == 0 else None)
     augment = isinstance(spec.codec.format, ImageFormat) and spec.codec.format.augment
     augment_rng = torch.Generator(device=device).manual_seed(1000 + rank)
@@ -111,7 +114,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     def save_and_report(metrics: dict[str, Any]) -> None:
         dlq.flush()  # Step 1
-        positions = dict(source.positions)
+        positions = dict(batches.positions)  # after the batches trained, not those decoded ahead
         gathered: list[dict[int, int]] = [positions]
         if distributed:
             gathered = [{} for _ in range(world)]
@@ -168,8 +171,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     stop_reason: str | None = None
     try:
         while spec.max_steps is None or counters["step"] < spec.max_steps:
-            records = source.next_batch()
-            batch = decode_batch(records or [], spec.codec)
+            ready = batches.next()
+            records, batch = (ready.records, ready.decoded) if ready is not None else (None, nothing)
             dlq.send(batch.rejected)
             # One collective decides, for every rank alike, whether the stream is done, how many
             # examples this step has (a step with none anywhere is skipped, not taken), and the
@@ -253,6 +256,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             final.update(evaluate())
         save_and_report(final)
     finally:
+        batches.close()
         source.close()
         if committer is not None:
             committer.close()
