@@ -76,6 +76,9 @@ class JobSpec(BaseModel):
     checkpoint: CheckpointSpec = Field(default_factory=CheckpointSpec)
     evaluation: EvaluationSpec | None = Field(None, description="A clean evaluation set scored every N steps.")
     max_steps: PositiveInt | None = Field(None, description="Stop after this many optimizer steps.")
+    seed: NonNegativeInt = Field(
+        0, description="Seeds the model's initial weights and every rank's mixup and augmentation draws; "
+                       "checkpoints carry the generators' states, so a resumed job draws what it would have.")
     report_every_steps: PositiveInt = Field(10, description="Metrics are reported this often.")
     max_failures: NonNegativeInt = Field(2, description="Worker failures survived by restarting from the checkpoint.")
     record_log_dir: str | None = Field(

@@ -32,6 +32,7 @@ from .evaluation import load_eval_set, score
 from .job_spec import JobSpec, OptimizerSpec
 from .models import build_model
 from .prefetch import DecodedBatches
+from .randomness import WorkerRandomness, seed_model_init
 from .records import ImageFormat
 from .source import KafkaSource
 from .stream_metrics import MetricWindow
@@ -75,14 +76,21 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         with checkpoint.as_directory() as d:
             state = load_state(d)
 
+    seed_model_init(spec.seed)  # the same initial weights on every rank, and in every run of the spec
     model = build_model(spec.model.name, in_shape=spec.codec.input_shape, num_classes=spec.codec.num_classes,
                         allowed_packages=config.get("model_packages", ()), **spec.model.options)
     if state is not None:
         model.load_state_dict(state["model"])
     model = ray.train.torch.prepare_model(model)  # DDP when world > 1; moves to the device
     optimizer, scheduler = build_optimizer(spec.optimizer, model.parameters())
-    loss_fn = CICWLoss(spec.cicw, num_classes=spec.codec.num_classes,
-                       generator=torch.Generator(device=device).manual_seed(1234))
+    saved_rng = (state or {}).get("rng") or []
+    # Saved states continue the draws; without them (another world size) a resume at step k
+    # gets streams of its own, not a replay of step 0's.
+    randomness = WorkerRandomness.seeded(spec.seed, rank, device,
+                                         step=0 if state is None else int(state["counters"]["step"]))
+    if len(saved_rng) == world:
+        randomness.restore(saved_rng[rank])
+    loss_fn = CICWLoss(spec.cicw, num_classes=spec.codec.num_classes, generator=randomness.mixup)
     counters = {"step": 0, "examples": 0, "rejected": 0, "noise_down": 0, "noise_corrupted": 0, "noise_hit": 0}
     offsets: dict[int, int] = {}
     if state is not None:
@@ -100,7 +108,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     nothing = decode_batch([], spec.codec)
     stop_watch = StopWatch(channel if rank == 0 else None)
     augment = isinstance(spec.codec.format, ImageFormat) and spec.codec.format.augment
-    augment_rng = torch.Generator(device=device).manual_seed(1000 + rank)
     dlq = DeadLetterSink(Producer({"bootstrap.servers": spec.source.bootstrap_servers,
                                    **spec.source.client_config}))
     committer = (Consumer({"bootstrap.servers": spec.source.bootstrap_servers, "group.id": spec.consumer_group,
@@ -114,12 +121,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     def save_and_report(metrics: dict[str, Any]) -> None:
         dlq.flush()  # Step 1
-        positions = dict(batches.positions)  # after the batches trained, not those decoded ahead
-        gathered: list[dict[int, int]] = [positions]
+        # Offsets after the batches trained, not those decoded ahead; and each rank's RNG states.
+        mine = (dict(batches.positions), randomness.state())
+        gathered: list[Any] = [mine]
         if distributed:
-            gathered = [{} for _ in range(world)]
-            dist.all_gather_object(gathered, positions)
-        all_offsets = {**offsets, **{p: o for g in gathered for p, o in g.items()}}
+            gathered = [None] * world
+            dist.all_gather_object(gathered, mine)
+        all_offsets = {**offsets, **{p: o for positions, _ in gathered for p, o in positions.items()}}
         ckpt = None
         if rank == 0:  # Step 2
             directory = tempfile.mkdtemp(prefix="cicw-ckpt-")
@@ -127,6 +135,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             save_state(directory, {"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
                                    "scheduler": scheduler.state_dict(), "loss": loss_fn.state_dict(),
                                    "counters": dict(counters), "offsets": all_offsets,
+                                   "rng": [rng for _, rng in gathered],
                                    "topic": spec.source.topic, "job_id": spec.job_id})
             ckpt = ray.train.Checkpoint.from_directory(directory)
         # Step 3. The upload is synchronous; the local copy goes afterwards (jobs run for days).
@@ -213,7 +222,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 continue
             x, y = batch.inputs.to(device), batch.targets.to(device)
             if augment:
-                x = pad_crop_flip(x, generator=augment_rng)
+                x = pad_crop_flip(x, generator=randomness.augment)
             weights_active = not loss_fn.schedule.in_burn_in  # for this step, before loss_fn.step()
             out = loss_fn(model, x, y)
             # DDP averages gradients over ranks; each rank's loss is its share of the global

@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+import torch
 from confluent_kafka import Producer
 
 from workers.broker import EmbeddedBroker, free_port
@@ -283,3 +284,28 @@ def test_sigint_to_the_train_command_checkpoints_and_exits_cleanly(kafka_broker:
     assert summary["state"] == "stopped" and summary["stopped"] == "SIGINT received"
     offsets = load_state(summary["checkpoint"])["offsets"]
     assert 0 < sum(offsets.values()) == summary["examples"] <= 200  # what it trained, no more, no less
+
+
+def test_a_stopped_and_resumed_job_trains_the_same_model_as_one_that_ran_through(
+        kafka_broker: EmbeddedBroker, local_ray: None, tmp_path: Path) -> None:
+    topic = f"same-{uuid.uuid4().hex[:8]}"
+    ensure_topic(kafka_broker.bootstrap, topic, 1)
+    _send(kafka_broker.bootstrap, topic, 15 * 32, partitions=[0])
+    # One rank, one partition and full batches (max_wait_s long enough to fill them): the same
+    # batches in every run, so only the random draws (initial weights, mixup) could differ.
+    through = _spec(kafka_broker.bootstrap, topic, tmp_path, scaling={"num_workers": 1},
+                    source__stop_at="end", source__batch_size=32, source__max_wait_s=5.0,
+                    cicw={"method": "cicw_m", "burn_in_steps": 2, "anneal_steps": 2}, seed=7)
+    interrupted = through.model_copy(update={"job_id": through.job_id + "-i", "max_steps": 6})
+
+    whole = run_job(through)
+    first = run_job(interrupted)
+    assert first.state == "finished" and load_state(first.checkpoint_path)["counters"]["step"] == 6
+    rest = run_job(interrupted.model_copy(update={"max_steps": None}))
+    assert whole.state == rest.state == "finished", (whole.error, rest.error)
+
+    a, b = load_state(whole.checkpoint_path), load_state(rest.checkpoint_path)
+    assert a["counters"]["step"] == b["counters"]["step"] == 15 and a["offsets"] == b["offsets"] == {0: 480}
+    assert len(b["rng"]) == 1 and torch.equal(a["rng"][0]["mixup"], b["rng"][0]["mixup"])
+    assert a["model"].keys() == b["model"].keys()
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"]), "resumed model differs"
