@@ -3,6 +3,7 @@ of every partition, written as one file so they can never disagree."""
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 from typing import Any
 
@@ -21,9 +22,19 @@ def save_state(directory: str | Path, state: dict[str, Any]) -> Path:
     return path
 
 
-def load_state(directory: str | Path) -> dict[str, Any]:
-    """Read a checkpoint written by :func:`save_state`; refuses unknown format versions."""
-    state = torch.load(Path(directory) / STATE_FILE, map_location="cpu", weights_only=False)
+def load_state(location: str | Path) -> dict[str, Any]:
+    """Read a checkpoint written by :func:`save_state`, from a local directory or a pyarrow
+    filesystem URI (``s3://bucket/.../checkpoint_...``, credentials and endpoint from the
+    standard AWS environment); refuses unknown format versions."""
+    if "://" in str(location):
+        from pyarrow.fs import FileSystem
+
+        fs, path = FileSystem.from_uri(str(location))
+        with fs.open_input_file(f"{path.rstrip('/')}/{STATE_FILE}") as f:
+            source: Any = io.BytesIO(f.read())
+    else:
+        source = Path(location) / STATE_FILE
+    state = torch.load(source, map_location="cpu", weights_only=False)
     if state.get("version") != CHECKPOINT_VERSION:
         raise ValueError(f"checkpoint format version {state.get('version')!r} is not {CHECKPOINT_VERSION}")
     return state

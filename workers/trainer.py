@@ -122,7 +122,18 @@ def run_job(spec: JobSpec, *, ray_address: str | None = None, num_cpus: int | No
     result = outcome["result"]
     metrics = dict(result.metrics or {})
     return JobResult(state="stopped" if metrics.get("stopped") else "finished", metrics=metrics,
-                     checkpoint_path=result.checkpoint.path if result.checkpoint else None, error=None)
+                     checkpoint_path=_checkpoint_location(storage, result.checkpoint), error=None)
+
+
+def _checkpoint_location(storage: str, checkpoint: Any) -> str | None:
+    """Where the checkpoint lies, as the storage was given: a local path, or a URI such as
+    s3://bucket/... (Ray Train hands out the path on its filesystem, without the scheme, and
+    the storage URI's query, e.g. an endpoint override, is not repeated)."""
+    if checkpoint is None:
+        return None
+    if "://" not in storage:
+        return str(checkpoint.path)
+    return f"{storage.split('://', 1)[0]}://{checkpoint.path}"
 
 
 def _reason(exc: BaseException) -> str:
