@@ -72,7 +72,7 @@ from workers.broker import EmbeddedBroker
 from workers.codecs import decode_batch
 from workers.datasets import FASHION_MNIST_DIR, load_fashion_mnist
 from workers.models import build_model
-from workers.prefetch import DecodedBatches
+from workers.prefetch import DecodedBatches, ReadyBatch
 from workers.records import CodecSpec, KafkaRecord, RawFormat, RecordChunk
 from workers.source import KafkaSource, SourceSpec
 from workers.topics import ensure_topic
@@ -317,15 +317,32 @@ def run_memory(trainer: Trainer, x: torch.Tensor, y: torch.Tensor, batch_size: i
     return RunResult(len(x), seconds, steps, CpuUse.between(before, after), train_s=seconds)
 
 
-def run_kafka(trainer: Trainer, spec: SourceSpec, codec: CodecSpec, n: int, meter: Meter) -> RunResult:
+class InlineBatches:
+    """--no-decode-ahead: next_batch and decode_batch on the training thread, as the train loop
+    did before workers.prefetch (the same interface as DecodedBatches)."""
+
+    def __init__(self, source: KafkaSource, codec: CodecSpec) -> None:
+        self._source, self._codec = source, codec
+
+    def next(self) -> ReadyBatch | None:
+        records = self._source.next_batch()
+        return None if records is None else ReadyBatch(records, decode_batch(records, self._codec), {})
+
+    def close(self) -> None:
+        pass
+
+
+def run_kafka(trainer: Trainer, spec: SourceSpec, codec: CodecSpec, n: int, meter: Meter,
+              decode_ahead: bool = True) -> RunResult:
     """The train loop's feed: DecodedBatches fetches and decodes the next batch in a thread while
-    the current step runs (so decode time is not on the main thread; wait_s is what it waited)."""
+    the current step runs (wait_s is what the step waited for it); or, without decode_ahead,
+    both on this thread (wait_s then includes the decoding)."""
     source = KafkaSource(spec, group_id=f"bench-{uuid.uuid4().hex[:6]}")
     before = meter.snapshot()
     got = steps = 0
     first = wait = train = 0.0
     source.start()
-    batches = DecodedBatches(source, codec)
+    batches = DecodedBatches(source, codec) if decode_ahead else InlineBatches(source, codec)
     try:
         while got < n:
             t0 = time.perf_counter()
@@ -392,7 +409,8 @@ def throughput(args: argparse.Namespace, bootstrap: str, topic: str, workload: W
         return run_memory(make_trainer(args.model, workload.codec, device), x, y, args.batch_size, meter)
 
     def kafka() -> RunResult:
-        return run_kafka(make_trainer(args.model, workload.codec, device), spec, workload.codec, n, meter)
+        return run_kafka(make_trainer(args.model, workload.codec, device), spec, workload.codec, n, meter,
+                         decode_ahead=args.decode_ahead)
 
     pair = Pair()
     for r in range(args.repeats):
@@ -694,6 +712,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--warmup-s", type=float, default=2.0, help="latency: records produced earlier are not counted")
     p.add_argument("--drain-s", type=float, default=10.0, help="latency: wait this long for a backlog after producing")
     p.add_argument("--latency-threads", type=int, default=1, help="torch threads in the latency runs")
+    p.add_argument("--no-decode-ahead", dest="decode_ahead", action="store_false",
+                   help="(1): fetch and decode on the training thread instead of workers.prefetch's thread")
     p.add_argument("--switch-interval", type=float, default=None,
                    help="sys.setswitchinterval in seconds (GIL hand-over; Python's default 0.005)")
     p.add_argument("--data", default="auto", choices=["auto", "random"],
@@ -721,7 +741,8 @@ def main(argv: list[str] | None = None) -> int:
         topic = fill_topic(broker.bootstrap, workload, args.model)
         print(f"(1) throughput, {args.model} on {device.type}: topic filled in {time.perf_counter() - t0:.1f} s, "
               f"{PARTITIONS} partitions; SourceSpec batch_size {args.batch_size}, max_wait_s {args.max_wait}, "
-              f"fetch_records {args.fetch_records}; {args.repeats} interleaved pair(s) per thread count", flush=True)
+              f"fetch_records {args.fetch_records}; kafka feed {'with' if args.decode_ahead else 'WITHOUT'} "
+              f"decode-ahead; {args.repeats} interleaved pair(s) per thread count", flush=True)
         print(THROUGHPUT_LEGEND)
         print(THROUGHPUT_HEADER, flush=True)
         for threads in thread_counts if args.repeats > 0 else []:

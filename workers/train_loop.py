@@ -4,13 +4,15 @@ Order of durable steps at a checkpoint (kept in this order):
   1. every rank flushes its dead letters (records the checkpoint counts as consumed are safe);
   2. rank 0 gathers every rank's next offsets and writes one checkpoint with the model state;
   3. ray.train.report persists it (Ray Train storage);
-  4. only then rank 0 commits those offsets to the consumer group cicw-<job> (for lag tools;
-     the checkpoint, not the group, is the source of truth on resume).
+  4. only then rank 0 hands those offsets to a background committer for the consumer group
+     cicw-<job> (for lag tools; the checkpoint, not the group, is the source of truth on resume,
+     so a broker outage delays the commit but never training or a stop).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import tempfile
 import time
@@ -29,6 +31,7 @@ from .codecs import decode_batch
 from .control import StopWatch
 from .dead_letters import DeadLetterSink
 from .evaluation import load_eval_set, score
+from .group_commits import confluent_committer
 from .job_spec import JobSpec, OptimizerSpec
 from .models import build_model
 from .prefetch import DecodedBatches
@@ -39,6 +42,9 @@ from .stream_metrics import MetricWindow
 
 # While no rank has records, a stalled job still reports this often (the CLI shows the stall).
 IDLE_REPORT_EVERY_S = 5.0
+# How long the job's end waits for its last group commit (lag tools only; see group_commits).
+COMMIT_CLOSE_TIMEOUT_S = 5.0
+log = logging.getLogger(__name__)
 
 
 class SourceStalledError(RuntimeError):
@@ -61,7 +67,7 @@ def build_optimizer(spec: OptimizerSpec, params: Iterable[torch.nn.Parameter],
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
-    from confluent_kafka import Consumer, Producer, TopicPartition
+    from confluent_kafka import Producer
 
     spec = JobSpec.model_validate(config["spec"])
     channel = config.get("channel")  # a workers.control.JobChannel actor, or None
@@ -110,8 +116,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     augment = isinstance(spec.codec.format, ImageFormat) and spec.codec.format.augment
     dlq = DeadLetterSink(Producer({"bootstrap.servers": spec.source.bootstrap_servers,
                                    **spec.source.client_config}))
-    committer = (Consumer({"bootstrap.servers": spec.source.bootstrap_servers, "group.id": spec.consumer_group,
-                           "enable.auto.commit": False, **spec.source.client_config}) if rank == 0 else None)
+    committer = (confluent_committer(spec.source.topic, spec.source.bootstrap_servers, spec.consumer_group,
+                                     spec.source.client_config) if rank == 0 else None)
 
     def all_ranks_sum(values: list[float]) -> list[float]:
         t = torch.tensor(values, dtype=torch.float64)
@@ -142,9 +148,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         ray.train.report({**metrics, "offsets": {str(p): o for p, o in sorted(all_offsets.items())}},
                          checkpoint=ckpt, delete_local_checkpoint_after_upload=ckpt is not None)
         publish({**metrics, "checkpoint_step": counters["step"]})
-        if committer is not None and all_offsets:  # Step 4
-            committer.commit(offsets=[TopicPartition(spec.source.topic, p, o) for p, o in all_offsets.items()],
-                             asynchronous=False)
+        if committer is not None and all_offsets:  # Step 4, in the background: never blocks training
+            committer.submit(all_offsets)
 
     def publish(metrics: dict[str, Any]) -> None:
         if channel is not None and rank == 0:
@@ -267,7 +272,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     finally:
         batches.close()
         source.close()
-        if committer is not None:
-            committer.close()
+        if committer is not None and not committer.close(timeout_s=COMMIT_CLOSE_TIMEOUT_S):
+            log.warning("the last checkpoint's offsets did not reach consumer group %s (%s; last committed: %s); "
+                        "the checkpoint holds them", spec.consumer_group,
+                        committer.last_error or "broker not answering", committer.committed)
         if record_log is not None:
             record_log.close()

@@ -171,6 +171,35 @@ def test_broker_outage_mid_job_is_reported_and_training_continues(local_ray: Non
     assert sum(load_state(result.checkpoint_path)["offsets"].values()) == 800
 
 
+def test_stop_during_a_broker_outage_checkpoints_and_stops(local_ray: None, tmp_path: Path) -> None:
+    with EmbeddedBroker() as broker:
+        topic = f"stop-out-{uuid.uuid4().hex[:8]}"
+        ensure_topic(broker.bootstrap, topic, 2)
+        _send(broker.bootstrap, topic, 300, partitions=[0, 1])
+        spec = _spec(broker.bootstrap, topic, tmp_path, source__stall_deadline_s=300.0)
+        reports = Reports()
+        stop: list[str] = []
+
+        def outage() -> None:
+            reports.wait_for(lambda m: m["examples"] == 300)
+            broker.pause()
+            reports.wait_for(lambda m: m.get("stalled_s", 0) > 1)
+            stop.append("stop while the broker is away")
+
+        thread = _in_background(outage)
+        started = time.monotonic()
+        try:
+            result = run_job(spec, on_report=reports, stop_requested=_stop_when(stop, thread))
+        finally:
+            broker.resume()
+        _join_checked(thread)
+    # The checkpoint does not need the broker; only the consumer-group commit (for lag tools)
+    # does, and its failure is reported, not fatal: the checkpoint is the source of truth.
+    assert result.state == "stopped", result.error
+    assert load_state(result.checkpoint_path)["offsets"] == {0: 150, 1: 150}
+    assert time.monotonic() - started < 120
+
+
 def test_broker_outage_past_the_deadline_fails_the_job_with_the_reason(local_ray: None, tmp_path: Path) -> None:
     with EmbeddedBroker() as broker:
         topic = f"dead-{uuid.uuid4().hex[:8]}"
