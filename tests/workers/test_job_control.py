@@ -10,6 +10,8 @@ import json
 import threading
 import time
 import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +24,7 @@ from workers.broker import EmbeddedBroker, free_port
 from workers.checkpoints import load_state
 from workers.job_spec import JobSpec
 from workers.topics import ensure_topic
-from workers.trainer import run_job
+from workers.trainer import JobResult, run_job
 
 from .test_train_job import _lineage
 
@@ -142,87 +144,81 @@ def test_stop_checkpoints_and_a_rerun_resumes_exactly_once(kafka_broker: Embedde
     assert len(lineage) == len(set(lineage)) == 1200  # every record exactly once over both runs
 
 
-def test_broker_outage_mid_job_is_reported_and_training_continues(local_ray: None, tmp_path: Path) -> None:
-    with EmbeddedBroker() as broker:  # its own broker: this test freezes it
-        topic = f"outage-{uuid.uuid4().hex[:8]}"
-        ensure_topic(broker.bootstrap, topic, 1)  # fewer partitions than workers: rank 1 reads none
-        _send(broker.bootstrap, topic, 400, partitions=[0])
-        spec = _spec(broker.bootstrap, topic, tmp_path, source__stall_deadline_s=120.0)
-        reports = Reports()
-        stop: list[str] = []
+@dataclass
+class OutageRun:
+    """A job on a broker of its own (the test freezes it), with a test thread doing the outage."""
 
-        def outage() -> None:
-            reports.wait_for(lambda m: m["examples"] == 400)
-            broker.pause()
-            try:
-                reports.wait_for(lambda m: m.get("stalled_s", 0) > 1)
-            finally:
-                broker.resume()
-            _send(broker.bootstrap, topic, 400, partitions=[0], seed=1, start=400)
-            reports.wait_for(lambda m: m["examples"] == 800)
-            stop.append("done")
+    broker: EmbeddedBroker
+    topic: str
+    reports: Reports = field(default_factory=Reports)
+    stop: list[str] = field(default_factory=list)
 
-        thread = _in_background(outage)
-        result = run_job(spec, on_report=reports, stop_requested=_stop_when(stop, thread))
+
+def _run_with_outage(tmp_path: Path, partitions: int, records: int, outage: Callable[[OutageRun], None],
+                     **overrides: Any) -> tuple[JobResult, OutageRun, float]:
+    """Run a job over ``records`` records on ``partitions`` partitions while ``outage`` runs in a
+    test thread; the broker is resumed at the end whatever happened. Returns the result, the run
+    (its reports) and the job's wall time."""
+    with EmbeddedBroker() as broker:
+        run = OutageRun(broker, f"outage-{uuid.uuid4().hex[:8]}")
+        ensure_topic(broker.bootstrap, run.topic, partitions)
+        _send(broker.bootstrap, run.topic, records, partitions=list(range(partitions)))
+        spec = _spec(broker.bootstrap, run.topic, tmp_path, **overrides)
+        thread = _in_background(lambda: outage(run))
+        started = time.monotonic()
+        try:
+            result = run_job(spec, on_report=run.reports, stop_requested=_stop_when(run.stop, thread))
+        finally:
+            broker.resume()
         _join_checked(thread)
+    return result, run, time.monotonic() - started
+
+
+def test_broker_outage_mid_job_is_reported_and_training_continues(local_ray: None, tmp_path: Path) -> None:
+    def outage(run: OutageRun) -> None:
+        run.reports.wait_for(lambda m: m["examples"] == 400)
+        run.broker.pause()
+        try:
+            run.reports.wait_for(lambda m: m.get("stalled_s", 0) > 1)
+        finally:
+            run.broker.resume()
+        _send(run.broker.bootstrap, run.topic, 400, partitions=[0], seed=1, start=400)
+        run.reports.wait_for(lambda m: m["examples"] == 800)
+        run.stop.append("done")
+
+    # One partition, fewer than the workers: rank 1 reads none.
+    result, run, _ = _run_with_outage(tmp_path, 1, 400, outage, source__stall_deadline_s=120.0)
     assert result.state == "stopped", result.error
-    stalls = [m for m in reports.items if m.get("stalled_s", 0) > 0]
+    stalls = [m for m in run.reports.items if m.get("stalled_s", 0) > 0]
     assert stalls and "watermarks" in stalls[0]["stall_reason"]
     assert sum(load_state(result.checkpoint_path)["offsets"].values()) == 800
 
 
 def test_stop_during_a_broker_outage_checkpoints_and_stops(local_ray: None, tmp_path: Path) -> None:
-    with EmbeddedBroker() as broker:
-        topic = f"stop-out-{uuid.uuid4().hex[:8]}"
-        ensure_topic(broker.bootstrap, topic, 2)
-        _send(broker.bootstrap, topic, 300, partitions=[0, 1])
-        spec = _spec(broker.bootstrap, topic, tmp_path, source__stall_deadline_s=300.0)
-        reports = Reports()
-        stop: list[str] = []
+    def outage(run: OutageRun) -> None:
+        run.reports.wait_for(lambda m: m["examples"] == 300)
+        run.broker.pause()
+        run.reports.wait_for(lambda m: m.get("stalled_s", 0) > 1)
+        run.stop.append("stop while the broker is away")
 
-        def outage() -> None:
-            reports.wait_for(lambda m: m["examples"] == 300)
-            broker.pause()
-            reports.wait_for(lambda m: m.get("stalled_s", 0) > 1)
-            stop.append("stop while the broker is away")
-
-        thread = _in_background(outage)
-        started = time.monotonic()
-        try:
-            result = run_job(spec, on_report=reports, stop_requested=_stop_when(stop, thread))
-        finally:
-            broker.resume()
-        _join_checked(thread)
+    result, _, seconds = _run_with_outage(tmp_path, 2, 300, outage, source__stall_deadline_s=300.0)
     # The checkpoint does not need the broker; only the consumer-group commit (for lag tools)
     # does, and it is given up after a few seconds with a warning: the checkpoint is the truth.
     assert result.state == "stopped", result.error
     assert load_state(result.checkpoint_path)["offsets"] == {0: 150, 1: 150}
-    assert time.monotonic() - started < 120
+    assert seconds < 120
 
 
 def test_broker_outage_past_the_deadline_fails_the_job_with_the_reason(local_ray: None, tmp_path: Path) -> None:
-    with EmbeddedBroker() as broker:
-        topic = f"dead-{uuid.uuid4().hex[:8]}"
-        ensure_topic(broker.bootstrap, topic, 2)
-        _send(broker.bootstrap, topic, 100, partitions=[0, 1])
-        spec = _spec(broker.bootstrap, topic, tmp_path, source__stall_deadline_s=3.0)
-        reports = Reports()
+    def outage(run: OutageRun) -> None:
+        run.reports.wait_for(lambda m: m["examples"] == 100)
+        run.broker.pause()
 
-        def outage() -> None:
-            reports.wait_for(lambda m: m["examples"] == 100)
-            broker.pause()
-
-        thread = _in_background(outage)
-        started = time.monotonic()
-        try:
-            result = run_job(spec, on_report=reports, stop_requested=_stop_when([], thread))
-        finally:
-            broker.resume()
-        _join_checked(thread)
+    result, _, seconds = _run_with_outage(tmp_path, 2, 100, outage, source__stall_deadline_s=3.0)
     assert result.state == "failed"
     assert "past source.stall_deadline_s=3.0" in (result.error or ""), result.error
     assert result.metrics["examples"] == 100  # the last report before the failure
-    assert time.monotonic() - started < 120
+    assert seconds < 120
 
 
 def test_train_command_fails_fast_when_the_broker_is_unreachable(tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
