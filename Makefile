@@ -32,7 +32,7 @@ $(VENV)/.installed-%: pyproject.toml $(VENV)/.torch
 venv: $(VENV)/.installed-viz
 
 demo: $(VENV)/.installed-viz
-	$(BIN)/python -m cicw.examples.two_moons --out moons.png
+	$(BIN)/cicw-stream demo
 
 test: $(VENV)/.installed-test
 	$(BIN)/python -m pytest

@@ -7,6 +7,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 from importlib.metadata import PackageNotFoundError, version
+from typing import Any
 
 
 def _version() -> str:
@@ -77,7 +78,6 @@ def _produce(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
-    import json
     import signal
 
     from pydantic import ValidationError
@@ -114,14 +114,36 @@ def _train(args: argparse.Namespace) -> int:
             signal.signal(sig, handler)
         if progress is not None:
             progress.close()
-    summary = {"job_id": spec.job_id, "state": result.state, "checkpoint": result.checkpoint_path,
+    return _summarise(spec.job_id, result, as_json=args.json)
+
+
+def _summarise(job_id: str, result: Any, *, as_json: bool) -> int:
+    """Print a finished job's summary (JSON or one line per key); the exit code for its state."""
+    import json
+
+    summary = {"job_id": job_id, "state": result.state, "checkpoint": result.checkpoint_path,
                "error": result.error, **{k: v for k, v in result.metrics.items() if k != "offsets"}}
-    if args.json:
+    if as_json:
         print(json.dumps(summary, default=str))
     else:
         for key, value in summary.items():
             print(f"{key}: {value}")
     return 1 if result.state == "failed" else 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from service.demo import run_demo
+    from service.progress import ProgressPrinter
+
+    progress = ProgressPrinter(sys.stderr) if not args.quiet else None
+    try:
+        result = run_demo(records=args.records, noise_rate=args.noise_rate, checkpoints=args.checkpoints,
+                          workers=args.workers, on_report=progress,
+                          say=lambda line: print(f"cicw-stream demo: {line}", file=sys.stderr, flush=True))
+    finally:
+        if progress is not None:
+            progress.close()
+    return _summarise("demo", result, as_json=args.json)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -162,6 +184,16 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--json", action="store_true", help="print the final summary as JSON")
     train.add_argument("--quiet", action="store_true", help="no progress line (stderr)")
     train.set_defaults(run=_train)
+    demo = sub.add_parser("demo", help="the main job end to end on embedded defaults (what `make demo` runs): "
+                                       "embedded broker, noisy records, a bounded CICW-M job on a local Ray")
+    demo.add_argument("--records", type=int, default=20000, help="training records (default 20000)")
+    demo.add_argument("--noise-rate", dest="noise_rate", type=float, default=0.4,
+                      help="share of labels flipped (default 0.4)")
+    demo.add_argument("--workers", type=int, default=2, help="Ray Train workers (default 2)")
+    demo.add_argument("--checkpoints", default="./demo-checkpoints", help="checkpoint storage (default ./demo-checkpoints)")
+    demo.add_argument("--json", action="store_true", help="print the final summary as JSON")
+    demo.add_argument("--quiet", action="store_true", help="no progress line (stderr)")
+    demo.set_defaults(run=_demo)
     return parser
 
 
