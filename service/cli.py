@@ -135,6 +135,13 @@ def _demo(args: argparse.Namespace) -> int:
     from service.demo import run_demo
     from service.progress import ProgressPrinter
 
+    checks = (("records", args.records, args.records >= 1, "at least 1"),
+              ("noise-rate", args.noise_rate, 0 <= args.noise_rate < 1, "in [0, 1)"),
+              ("workers", args.workers, args.workers >= 1, "at least 1"))
+    problems = [f"--{name} must be {allowed}, got {value}" for name, value, ok, allowed in checks if not ok]
+    if problems:
+        print(f"cicw-stream demo: {'; '.join(problems)}", file=sys.stderr)
+        return 2
     progress = ProgressPrinter(sys.stderr) if not args.quiet else None
     try:
         result = run_demo(records=args.records, noise_rate=args.noise_rate, checkpoints=args.checkpoints,

@@ -35,8 +35,8 @@ def synthetic_images(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     return x, y.astype(np.int64)
 
 
-def _produce_data(bootstrap: str, records: int, noise_rate: float, workdir: Path) -> str:
-    """Fill the train and evaluation topics; returns what the data is."""
+def _produce_data(bootstrap: str, records: int, noise_rate: float, workdir: Path) -> tuple[str, int]:
+    """Fill the train and evaluation topics; returns what the data is and how many train records."""
     from confluent_kafka import Producer
 
     if FASHION_MNIST_DIR.exists():
@@ -50,11 +50,14 @@ def _produce_data(bootstrap: str, records: int, noise_rate: float, workdir: Path
         origin = "synthetic 10-class images (install dataset-fashion-mnist for Fashion-MNIST)"
         train = {"dataset": "npz", "path": str(workdir / "train.npz")}
         test = {"dataset": "npz", "path": str(workdir / "test.npz")}
+    written = []
     for topic, extra, limit, noise in ((TOPIC, train, records, noise_rate), (EVAL_TOPIC, test, 2000, 0.0)):
         spec = ProduceSpec(bootstrap_servers=bootstrap, topic=topic, limit=limit, format="raw",
                            noise="symmetric" if noise else "none", rate=noise, **extra)
-        produce(spec, Producer({"bootstrap.servers": bootstrap}), partitions=ensure_topic(bootstrap, topic, 4))
-    return origin
+        report = produce(spec, Producer({"bootstrap.servers": bootstrap}),
+                         partitions=ensure_topic(bootstrap, topic, 4))
+        written.append(report.records)
+    return origin, written[0]
 
 
 def demo_spec(bootstrap: str, checkpoints: str, workers: int) -> JobSpec:
@@ -81,8 +84,8 @@ def run_demo(*, records: int, noise_rate: float, checkpoints: str, workers: int,
 
     with EmbeddedBroker() as broker, tempfile.TemporaryDirectory(prefix="cicw-demo-") as workdir:
         say(f"embedded broker at {broker.bootstrap}")
-        origin = _produce_data(broker.bootstrap, records, noise_rate, Path(workdir))
-        say(f"{records} records of {origin} in topic {TOPIC!r} with {noise_rate:.0%} of labels flipped "
+        origin, written = _produce_data(broker.bootstrap, records, noise_rate, Path(workdir))
+        say(f"{written} records of {origin} in topic {TOPIC!r} with {noise_rate:.0%} of labels flipped "
             f"(true label in the clean_label header); 2000 clean ones in {EVAL_TOPIC!r}")
         # A fresh lineage each time: the demo's broker starts empty, so an old checkpoint's
         # offsets would point past its data.

@@ -47,3 +47,9 @@ def test_demo_command_trains_on_embedded_defaults(no_ray_running: None, tmp_path
     assert summary["examples"] == 1536 and summary["eval_examples"] == 2000
     assert summary["checkpoint"].startswith(str(tmp_path / "ckpt" / "demo"))
     assert "synthetic 10-class images" in err and "embedded broker at 127.0.0.1:" in err
+
+
+def test_demo_command_rejects_bad_arguments_naming_them(capsys) -> None:  # type: ignore[no-untyped-def]
+    assert cli_main(["demo", "--records", "0", "--noise-rate", "1.5"]) == 2
+    err = capsys.readouterr().err
+    assert "--records must be at least 1, got 0" in err and "--noise-rate must be in [0, 1), got 1.5" in err
