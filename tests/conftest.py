@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 
 import pytest
 
 from workers.broker import EmbeddedBroker
+
+# Ray Train's controller polls its workers this often (default 2 s): a job's end, and any report
+# that finds the previous one not yet taken, wait for the next poll. The jobs in these tests are
+# seconds long and checkpoint every few steps; polling faster keeps each from idling for seconds.
+# Set before any TorchTrainer exists: Ray hands the driver's value to its controller and workers.
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
 
 
 @pytest.fixture(scope="session")

@@ -119,18 +119,27 @@ def test_stop_checkpoints_and_a_rerun_resumes_exactly_once(kafka_broker: Embedde
                                                            tmp_path: Path) -> None:
     topic = f"stop-{uuid.uuid4().hex[:8]}"
     ensure_topic(kafka_broker.bootstrap, topic, 2)
-    _send(kafka_broker.bootstrap, topic, 1200, partitions=[0, 1])
+    _send(kafka_broker.bootstrap, topic, 100, partitions=[0, 1])
     spec = _spec(kafka_broker.bootstrap, topic, tmp_path)  # unbounded: only the stop ends it
     reports = Reports()
     stop: list[str] = []
+
+    def producer() -> None:
+        # The rest trickles in while the job trains (about 200 records/s), so the stop lands
+        # mid-stream: with records fetched and decoded ahead that its checkpoint must not count.
+        reports.wait_for(lambda m: m["step"] >= 2)
+        for start in range(100, 1200, 20):
+            _send(kafka_broker.bootstrap, topic, 20, partitions=[0, 1], seed=start, start=start)
+            time.sleep(0.1)
 
     def stopper() -> None:
         reports.wait_for(lambda m: m["step"] >= 10)
         stop.append("test says stop")
 
-    thread = _in_background(stopper)
+    feeding, thread = _in_background(producer), _in_background(stopper)
     first = run_job(spec, on_report=reports, stop_requested=_stop_when(stop, thread))
     _join_checked(thread)
+    _join_checked(feeding)
     assert first.state == "stopped" and first.error is None, first.error
     assert first.metrics["stopped"] == "test says stop"
     consumed = sum(load_state(first.checkpoint_path)["offsets"].values())
