@@ -51,11 +51,14 @@ class ScalingSpec(BaseModel):
 
 class CheckpointSpec(BaseModel):
     """When and where the model, optimizer, schedules, counters and offsets are saved as one unit
-    (also at the end of a bounded job and on a stop)."""
+    (also at the end of a bounded job and on a stop). Ray Train takes one checkpoint per poll of
+    its workers (RAY_TRAIN_HEALTH_CHECK_INTERVAL_S, 2 s by default): checkpoints due more often
+    than that make training wait for it."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
-    every_steps: PositiveInt | None = Field(100, description="Checkpoint every N optimizer steps.")
-    every_s: PositiveFloat | None = Field(None, description="... and/or every T seconds.")
+    every_steps: PositiveInt | None = Field(None, description="Checkpoint every N optimizer steps ...")
+    every_s: PositiveFloat | None = Field(60.0, description="... and/or every T seconds: after a crash, at "
+                                                            "most this much training is redone.")
     keep: PositiveInt = Field(3, description="Checkpoints kept (the newest).")
     storage_path: str = Field("./checkpoints", description="Local directory or pyarrow filesystem URI (s3://...).")
 

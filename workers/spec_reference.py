@@ -80,7 +80,7 @@ def reference() -> str:
             todo += _models_in(field.annotation)
     parts = [HEADER]
     for model in order:
-        doc = (model.__doc__ or "").strip().split("\n\n")[0].replace("\n", " ")
+        doc = " ".join((model.__doc__ or "").strip().split("\n\n")[0].split())
         parts.append(f"\n## {model.__name__}\n\n{doc}\n\n| field | type | default | meaning |\n|---|---|---|---|")
         for name, field in model.model_fields.items():
             meaning = (field.description or "").replace("|", "\\|").replace("\n", " ")

@@ -46,11 +46,11 @@ IDLE_REPORT_EVERY_S = 5.0
 COMMIT_CLOSE_TIMEOUT_S = 5.0
 # Ray Train's controller takes one report per worker each time it polls the workers (every
 # RAY_TRAIN_HEALTH_CHECK_INTERVAL_S, 2 s by default), and ray.train.report blocks until the
-# previous report was taken: a job reporting every few steps trained at one report per poll
-# (the demo's 2 workers: ~1,300 instead of ~6,000 records/s). Metrics therefore reach the
-# driver through the JobChannel at every report, and ray.train.report at most once per this
-# many polls, besides every checkpoint.
-RAY_REPORT_EVERY_POLLS = 2.0
+# previous report was taken. Reporting metrics through it every few steps held training to one
+# report per poll (the demo's job: ~1,300 instead of ~6,300 records/s), and any report shortly
+# before a checkpoint delays the checkpoint's. So metrics reach the driver through the
+# JobChannel at every report, and Ray Train with every checkpoint (every N steps / T seconds,
+# and the last), the only reports it must see.
 log = logging.getLogger(__name__)
 
 
@@ -69,12 +69,6 @@ def build_optimizer(spec: OptimizerSpec, params: Iterable[torch.nn.Parameter],
         optimizer = torch.optim.AdamW(params, lr=spec.lr, weight_decay=spec.weight_decay)
     return optimizer, torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=spec.lr_milestones,
                                                            gamma=spec.lr_gamma)
-
-
-def ray_report_interval_s() -> float:
-    """Seconds between metric-only ray.train.report calls (see RAY_REPORT_EVERY_POLLS)."""
-    # Ray Train's own variable and default (ray.train.v2._internal.constants).
-    return RAY_REPORT_EVERY_POLLS * float(os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "2.0"))
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
@@ -160,8 +154,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         # Step 3. The upload is synchronous; the local copy goes afterwards (jobs run for days).
         ray.train.report({**metrics, "offsets": {str(p): o for p, o in sorted(all_offsets.items())}},
                          checkpoint=ckpt, delete_local_checkpoint_after_upload=ckpt is not None)
-        nonlocal last_ray_report
-        last_ray_report = time.monotonic()
         publish({**metrics, "checkpoint_step": counters["step"]})
         if committer is not None and all_offsets:  # Step 4, in the background: never blocks training
             committer.submit(all_offsets)
@@ -169,15 +161,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     def publish(metrics: dict[str, Any]) -> None:
         if channel is not None and rank == 0:
             channel.publish.remote(metrics)  # fire and forget: never wait on the driver
-
-    def report(metrics: dict[str, Any], *, to_ray: bool) -> None:
-        """To the driver (JobChannel) always; to Ray Train when ``to_ray`` (the same on every rank:
-        ray.train.report is a collective)."""
-        publish(metrics)
-        if to_ray:
-            nonlocal last_ray_report
-            ray.train.report(metrics)
-            last_ray_report = time.monotonic()
 
     def window_metrics(w: MetricWindow) -> dict[str, Any]:
         """Counters plus the metrics of the steps since the last report, over all ranks."""
@@ -190,8 +173,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         Path(spec.record_log_dir).mkdir(parents=True, exist_ok=True)
         record_log = open(Path(spec.record_log_dir) / f"rank{rank}.jsonl", "a")  # noqa: SIM115 - closed below
     resumed_from = counters["step"]
-    last_checkpoint = last_ray_report = time.monotonic()
-    ray_report_every_s = ray_report_interval_s()
+    last_checkpoint = time.monotonic()
 
     def evaluate() -> dict[str, float]:
         assert eval_set is not None and spec.evaluation is not None
@@ -217,11 +199,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             time_due = float(spec.checkpoint.every_s is not None and now - last_checkpoint >= spec.checkpoint.every_s)
             stalled_s = source.stalled_for()
             deadline = spec.source.stall_deadline_s
-            n_global, not_done, rejected, time_due, stalled, past_deadline, stop, idle_due, ray_due = all_ranks_sum(
+            n_global, not_done, rejected, time_due, stalled, past_deadline, stop, idle_due = all_ranks_sum(
                 [len(batch), float(records is not None), len(batch.rejected), time_due, float(stalled_s > 0),
                  float(deadline is not None and stalled_s > deadline), float(stop_watch.poll() is not None),
-                 float(now - last_idle_report >= IDLE_REPORT_EVERY_S),
-                 float(now - last_ray_report >= ray_report_every_s)])
+                 float(now - last_idle_report >= IDLE_REPORT_EVERY_S)])
             counters["rejected"] += int(rejected)
             if past_deadline:
                 why = (f"broker unreachable for {stalled_s:.0f} s: {source.trouble}" if stalled_s
@@ -244,7 +225,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                             dist.all_reduce(worst, op=dist.ReduceOp.MAX)
                         metrics.update(stalled_s=float(worst),
                                        stall_reason=source.trouble or "another rank's broker is unreachable")
-                    report(metrics, to_ray=ray_due > 0)
+                    publish(metrics)
                     window, last_idle_report = MetricWindow(), now
                 continue
             x, y = batch.inputs.to(device), batch.targets.to(device)
@@ -284,7 +265,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                     save_and_report(metrics)
                     last_checkpoint = time.monotonic()
                 else:
-                    report(metrics, to_ray=ray_due > 0)
+                    publish(metrics)
             if stop_reason:
                 break
         final = {**window_metrics(window), "final": True, "stopped": stop_reason}

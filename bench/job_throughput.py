@@ -1,0 +1,170 @@
+"""The whole job against the in-memory loop: records/s of `run_job` (Ray Train worker, KafkaSource,
+decode-ahead, CICW step, per-step collective, reports, checkpoints) beside the same model,
+optimizer and CICW config trained from tensors in memory in this process, in one run.
+
+bench/stream_train.py measures the feed alone (source + decode + step in one process); this
+measures what a user's job gets, so costs that live only in the job show up here: the per-step
+decision collective, metric windows, reports through Ray Train and the JobChannel, checkpoints.
+(It is how the report throttle was found: ray.train.report blocks until Ray Train's controller,
+polling every 2 s, took the previous report, so a job reporting every 10 steps trained at 10
+steps per 2 s.)
+
+Job rate = steady state, from the job's own reports: the examples between the first and the last
+periodic report over the time between them (worker clocks; start-up, the first window, and the
+end-of-stream check are left out). Its wall time from run_job() to its return is printed too.
+Memory rate = the same step on the decoded tensors, torch threads = the job's CPUs per worker.
+The ratio is per worker: job rate / (workers x memory rate); with more workers than free cores
+it measures the machine, not the job. Runs alternate order; medians over repeats.
+
+Records: 784 raw uint8 bytes (Fashion-MNIST when the Debian package is installed), as
+bench/stream_train.py writes them. CICW defaults with burn_in_steps=0 (every step does the full
+weighting), the job spec's default optimizer. The embedded broker runs on this machine.
+
+    python bench/job_throughput.py                              # 1 worker, 40k records, 3 repeats
+    python bench/job_throughput.py --workers 2 --records 60000
+    python bench/job_throughput.py --report-every 1             # a report every step
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+import ray
+import torch
+
+from cicw import CICWConfig, CICWLoss
+from machine_info import cpu_name  # bench/ is on sys.path when a bench script runs
+from stream_train import SLACK_BATCHES, Workload, decoded_in_memory, fill_topic, load_workload
+from workers.broker import EmbeddedBroker
+from workers.dead_letters import dlq_topic
+from workers.job_spec import JobSpec
+from workers.models import build_model
+from workers.topics import ensure_topic
+from workers.train_loop import build_optimizer
+from workers.trainer import run_job
+
+TARGET = 0.9
+
+
+@dataclass(frozen=True)
+class JobRun:
+    steady_rate: float  # records/s between the first and the last periodic report
+    wall_s: float  # run_job() call to return
+    steps: int
+    reports: int
+
+
+def job_spec(args: argparse.Namespace, workload: Workload, bootstrap: str, topic: str, checkpoints: str) -> JobSpec:
+    return JobSpec.model_validate({
+        "job_id": f"bench-{uuid.uuid4().hex[:6]}",
+        "source": {"bootstrap_servers": bootstrap, "topic": topic, "stop_at": "end", "batch_size": args.batch_size},
+        "codec": workload.codec.model_dump(mode="json"),
+        "model": {"name": "mlp"},
+        "cicw": CICWConfig(burn_in_steps=0).model_dump(mode="json"),
+        "scaling": {"num_workers": args.workers},
+        "checkpoint": {"every_steps": args.checkpoint_every, "keep": 1, "storage_path": checkpoints},  # every_s: default
+        "report_every_steps": args.report_every,
+        "max_failures": 0,
+    })
+
+
+def run_memory(spec: JobSpec, x: torch.Tensor, y: torch.Tensor) -> float:
+    """Records/s of the job's model, optimizer and CICW config on tensors in memory."""
+    torch.manual_seed(spec.seed)
+    model = build_model(spec.model.name, in_shape=spec.codec.input_shape, num_classes=spec.codec.num_classes)
+    optimizer, scheduler = build_optimizer(spec.optimizer, model.parameters())
+    loss_fn = CICWLoss(spec.cicw, num_classes=spec.codec.num_classes, generator=torch.Generator().manual_seed(0))
+    size = spec.source.batch_size
+    start = time.perf_counter()
+    for i in range(0, len(x), size):
+        out = loss_fn(model, x[i:i + size], y[i:i + size])
+        out.loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        scheduler.step()
+        loss_fn.step()
+    return len(x) / (time.perf_counter() - start)
+
+
+def run_in_ray(spec: JobSpec) -> JobRun:
+    reports: list[dict[str, Any]] = []
+    start = time.perf_counter()
+    result = run_job(spec, on_report=reports.append)
+    wall = time.perf_counter() - start
+    if result.state != "finished":
+        raise RuntimeError(f"job {result.state}: {result.error}")
+    periodic = [m for m in reports if not m.get("final") and m.get("step", 0) > 0]
+    # Window i spans reports i-1..i: its examples over its records_per_s is its duration.
+    windows = [(b["examples"] - a["examples"], b["records_per_s"]) for a, b in zip(periodic, periodic[1:])]
+    examples = sum(n for n, _ in windows)
+    seconds = sum(n / rate for n, rate in windows if rate > 0)
+    if not seconds:
+        raise RuntimeError(f"too few reports ({len(periodic)}) for a steady rate: more --records")
+    return JobRun(examples / seconds, wall, int(result.metrics["step"]), len(reports))
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--records", type=int, default=40_000, help="records in the topic (whole batches are trained)")
+    p.add_argument("--workers", type=int, default=1, help="Ray Train workers (1 CPU each)")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--batch-size", type=int, default=128, help="records per worker per step")
+    p.add_argument("--report-every", type=int, default=10, help="JobSpec.report_every_steps")
+    p.add_argument("--checkpoint-every", type=int, default=None,
+                   help="JobSpec.checkpoint.every_steps (default: the spec's, every 60 s, so only the last one here)")
+    p.add_argument("--data", default="auto", choices=["auto", "random"],
+                   help="auto: Fashion-MNIST if installed, else random pixels")
+    args = p.parse_args(argv)
+    if min(args.records, args.workers, args.repeats, args.batch_size, args.report_every) < 1:
+        p.error("--records, --workers, --repeats, --batch-size and --report-every must be >= 1")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    torch.set_num_threads(1)  # as a Ray worker with 1 CPU (OMP_NUM_THREADS=1)
+    workload = load_workload("mlp", args.records + SLACK_BATCHES * args.batch_size, args.data)
+    x, y = decoded_in_memory(workload)
+    per_rank = args.records // (args.batch_size * args.workers) * args.batch_size
+    x, y = x[:per_rank], y[:per_rank]
+    print(f"# {cpu_name()}, torch {torch.__version__}, ray {ray.__version__}; {workload.source}; "
+          f"{args.workers} worker(s), batch {args.batch_size}/worker, report every {args.report_every} steps, "
+          f"checkpoint every {args.checkpoint_every or 'default'}", flush=True)
+    memory_rates: list[float] = []
+    jobs: list[JobRun] = []
+    with EmbeddedBroker() as broker, tempfile.TemporaryDirectory(prefix="bench-ckpt-") as checkpoints:
+        ray.init(num_cpus=args.workers, include_dashboard=False, log_to_driver=False)
+        try:
+            for r in range(args.repeats):
+                topic = fill_topic(broker.bootstrap, workload, f"job{r}")
+                ensure_topic(broker.bootstrap, dlq_topic(topic), 1)
+                spec = job_spec(args, workload, broker.bootstrap, topic, checkpoints)
+                order = ["memory", "job"] if r % 2 == 0 else ["job", "memory"]
+                for name in order:
+                    if name == "memory":
+                        memory_rates.append(run_memory(spec, x, y))
+                    else:
+                        jobs.append(run_in_ray(spec))
+                job = jobs[-1]
+                print(f"repeat {r}: memory {memory_rates[-1]:8.0f} rec/s | job {job.steady_rate:8.0f} rec/s steady "
+                      f"({job.steps} steps, {job.reports} reports, {job.wall_s:.1f} s wall) | job/memory per worker "
+                      f"{job.steady_rate / (args.workers * memory_rates[-1]):.3f}", flush=True)
+        finally:
+            ray.shutdown()
+    ratios = [j.steady_rate / (args.workers * m) for j, m in zip(jobs, memory_rates, strict=True)]
+    ratio = statistics.median(ratios)
+    print(f"job/memory per worker: median {ratio:.3f} over {len(ratios)} pair(s): "
+          + ", ".join(f"{v:.3f}" for v in ratios))
+    print(f"{'PASS' if ratio >= TARGET else 'FAIL'}: job >= {TARGET} x in-memory throughput (MLP, CPU)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
