@@ -29,9 +29,15 @@ def format_progress(m: dict[str, Any]) -> str:
         parts.append(f"{m['rejected']:,} dead-lettered")
     if m.get("checkpoint_step") is not None:
         parts.append(f"checkpoint @{m['checkpoint_step']:,}")
+    if m.get("checkpoint_postponed"):
+        parts.append(f"checkpoint postponed: {m['checkpoint_postponed']}")
     if m.get("stalled_s"):
         parts.append(f"STALLED {m['stalled_s']:.0f} s: {m.get('stall_reason', 'broker unreachable')}")
     return " | ".join(parts)
+
+
+# Reports printed to a log even between the throttled ones.
+NOTABLE = ("checkpoint_step", "checkpoint_postponed", "eval_accuracy", "stalled_s", "final")
 
 
 class ProgressPrinter:
@@ -52,7 +58,7 @@ class ProgressPrinter:
             self._stream.write("\r" + line.ljust(self._width))
             self._width = len(line)
         else:
-            notable = any(metrics.get(k) for k in ("checkpoint_step", "eval_accuracy", "stalled_s", "final"))
+            notable = any(metrics.get(k) for k in NOTABLE)
             if not notable and self._clock() - self._last < self._every_s:
                 return
             self._stream.write(line + "\n")

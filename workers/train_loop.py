@@ -1,7 +1,8 @@
 """The loop each Ray Train worker runs: Kafka partitions -> codec -> CICW step -> checkpoint.
 
 Order of durable steps at a checkpoint (kept in this order):
-  1. every rank flushes its dead letters (records the checkpoint counts as consumed are safe);
+  1. every rank flushes its dead letters (records the checkpoint counts as consumed are safe;
+     while the broker cannot take them, the checkpoint is postponed, step by step);
   2. rank 0 gathers every rank's next offsets and writes one checkpoint with the model state;
   3. ray.train.report persists it (Ray Train storage);
   4. only then rank 0 hands those offsets to a background committer for the consumer group
@@ -29,7 +30,7 @@ from .augment import pad_crop_flip
 from .checkpoints import load_state, save_state
 from .codecs import decode_batch
 from .control import StopWatch
-from .dead_letters import DeadLetterSink
+from .dead_letters import DeadLetterSink, DeadLettersPending
 from .evaluation import load_eval_set, score
 from .group_commits import confluent_committer
 from .job_spec import JobSpec, OptimizerSpec
@@ -42,6 +43,11 @@ from .stream_metrics import MetricWindow
 
 # While no rank has records, a stalled job still reports this often (the CLI shows the stall).
 IDLE_REPORT_EVERY_S = 5.0
+# How long a checkpoint waits for pending dead letters: briefly when periodic (if they are not
+# delivered, the checkpoint is postponed to the next step), longer for the last one (a job
+# ending with undelivered dead letters fails, without a checkpoint past them).
+DLQ_PERIODIC_FLUSH_S = 1.0
+DLQ_FINAL_FLUSH_S = 10.0
 # How long the job's end waits for its last group commit (lag tools only; see group_commits).
 COMMIT_CLOSE_TIMEOUT_S = 5.0
 # Ray Train's controller takes one report per worker each time it polls the workers (every
@@ -132,8 +138,20 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             dist.all_reduce(t)
         return t.tolist()
 
-    def save_and_report(metrics: dict[str, Any]) -> None:
-        dlq.flush()  # Step 1
+    def save_and_report(metrics: dict[str, Any], *, final: bool = False) -> bool:
+        """Write a checkpoint (Steps 1-4); False when it was postponed: some rank's dead letters
+        are not delivered yet (broker unreachable), and a checkpoint past them could lose them."""
+        try:  # Step 1
+            dlq.flush(DLQ_FINAL_FLUSH_S if final else DLQ_PERIODIC_FLUSH_S)
+            undelivered = None
+        except DeadLettersPending as exc:
+            if final:
+                raise DeadLettersPending(f"{exc}; no checkpoint written, so a rerun retrains from the last "
+                                         "one and routes these records again") from exc
+            undelivered = str(exc)
+        if all_ranks_sum([float(undelivered is not None)])[0]:
+            publish({**metrics, "checkpoint_postponed": undelivered or "another rank's dead letters are not delivered"})
+            return False
         # Offsets after the batches trained, not those decoded ahead; and each rank's RNG states.
         mine = (dict(batches.positions), randomness.state())
         gathered: list[Any] = [mine]
@@ -157,6 +175,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         publish({**metrics, "checkpoint_step": counters["step"]})
         if committer is not None and all_offsets:  # Step 4, in the background: never blocks training
             committer.submit(all_offsets)
+        return True
 
     def publish(metrics: dict[str, Any]) -> None:
         if channel is not None and rank == 0:
@@ -174,6 +193,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         record_log = open(Path(spec.record_log_dir) / f"rank{rank}.jsonl", "a")  # noqa: SIM115 - closed below
     resumed_from = counters["step"]
     last_checkpoint = time.monotonic()
+    checkpoint_owed = False
 
     def evaluate() -> dict[str, float]:
         assert eval_set is not None and spec.evaluation is not None
@@ -252,7 +272,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                                              "step": counters["step"], "records": trained}) + "\n")
                 record_log.flush()
             step = counters["step"]
-            due = (spec.checkpoint.every_steps is not None and step % spec.checkpoint.every_steps == 0) or time_due > 0
+            due = (checkpoint_owed or time_due > 0
+                   or (spec.checkpoint.every_steps is not None and step % spec.checkpoint.every_steps == 0))
             eval_due = spec.evaluation is not None and step % spec.evaluation.every_steps == 0
             if step % spec.report_every_steps == 0 or due or eval_due:
                 metrics = {**window_metrics(window), **{f"cicw_{k}": v for k, v in out.diagnostics.as_dict().items()
@@ -262,8 +283,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 window = MetricWindow()
                 last_idle_report = time.monotonic()
                 if due:
-                    save_and_report(metrics)
-                    last_checkpoint = time.monotonic()
+                    # A postponed checkpoint is tried again at the next step (the same on every rank).
+                    checkpoint_owed = not save_and_report(metrics)
+                    if not checkpoint_owed:
+                        last_checkpoint = time.monotonic()
                 else:
                     publish(metrics)
             if stop_reason:
@@ -271,7 +294,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         final = {**window_metrics(window), "final": True, "stopped": stop_reason}
         if eval_set is not None:
             final.update(evaluate())
-        save_and_report(final)
+        save_and_report(final, final=True)
     finally:
         batches.close()
         source.close()

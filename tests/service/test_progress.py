@@ -15,6 +15,8 @@ def test_progress_line_shows_rate_lag_loss_accuracy_and_stalls() -> None:
                     "3 dead-lettered | checkpoint @1,200")
     stalled = format_progress({"step": 5, "examples": 10, "stalled_s": 12.2, "stall_reason": "timed out"})
     assert stalled.endswith("STALLED 12 s: timed out")
+    postponed = format_progress({"step": 7, "examples": 70, "checkpoint_postponed": "2 dead letter(s) not delivered"})
+    assert postponed.endswith("checkpoint postponed: 2 dead letter(s) not delivered")
 
 
 def test_printer_redraws_on_a_terminal_and_throttles_in_logs() -> None:

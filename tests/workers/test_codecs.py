@@ -130,8 +130,11 @@ class _DLQProducer:
         self.sent: list[tuple[str, bytes | None, dict[str, bytes]]] = []
 
     def produce(self, topic: str, value: bytes | None = None, key: bytes | None = None,
-                headers: list[tuple[str, bytes]] | None = None) -> None:
+                headers: list[tuple[str, bytes]] | None = None, on_delivery: Any = None) -> None:
         self.sent.append((topic, value, dict(headers or [])))
+
+    def poll(self, timeout: float = 0) -> int:
+        return 0
 
     def flush(self, timeout: float = 0) -> int:
         return 0

@@ -164,14 +164,17 @@ class OutageRun:
 
 
 def _run_with_outage(tmp_path: Path, partitions: int, records: int, outage: Callable[[OutageRun], None],
+                     *, then: Callable[[OutageRun], None] | None = None,
                      **overrides: Any) -> tuple[JobResult, OutageRun, float]:
-    """Run a job over ``records`` records on ``partitions`` partitions while ``outage`` runs in a
-    test thread; the broker is resumed at the end whatever happened. Returns the result, the run
-    (its reports) and the job's wall time."""
+    """Run a job over ``records`` records on ``partitions`` partitions (and whatever ``then`` adds
+    before the job starts) while ``outage`` runs in a test thread; the broker is resumed at the
+    end whatever happened. Returns the result, the run (its reports) and the job's wall time."""
     with EmbeddedBroker() as broker:
         run = OutageRun(broker, f"outage-{uuid.uuid4().hex[:8]}")
         ensure_topic(broker.bootstrap, run.topic, partitions)
         _send(broker.bootstrap, run.topic, records, partitions=list(range(partitions)))
+        if then is not None:
+            then(run)
         spec = _spec(broker.bootstrap, run.topic, tmp_path, **overrides)
         thread = _in_background(lambda: outage(run))
         started = time.monotonic()
@@ -228,6 +231,41 @@ def test_broker_outage_past_the_deadline_fails_the_job_with_the_reason(local_ray
     assert "past source.stall_deadline_s=3.0" in (result.error or ""), result.error
     assert result.metrics["examples"] == 100  # the last report before the failure
     assert seconds < 120
+
+
+def test_dead_letters_pending_in_an_outage_postpone_the_checkpoint(local_ray: None, tmp_path: Path) -> None:
+    # A checkpoint may only count a rejected record as consumed once its dead letter is
+    # delivered. The broker freezes after every record was fetched and before the garbage is
+    # decoded: the garbage's dead letters cannot leave, so the checkpoints due at every step are
+    # postponed (not failed) until the broker is back, and the job ends with everything in place.
+    def garbage_then_more(run: OutageRun) -> None:
+        producer = Producer({"bootstrap.servers": run.broker.bootstrap})
+        for _ in range(3):
+            producer.produce(run.topic, value=b"not json", partition=0)
+        assert producer.flush(10) == 0
+        _send(run.broker.bootstrap, run.topic, 600, partitions=[0, 1], seed=1, start=600)
+
+    def outage(run: OutageRun) -> None:
+        # Checkpoints at every step (each waits for Ray Train's 0.25 s poll) pace the job: step
+        # 4 comes seconds after the poller fetched everything, and rank 0 meets the garbage
+        # at its step 19.
+        run.reports.wait_for(lambda m: m["step"] >= 4)
+        run.broker.pause()
+        try:
+            run.reports.wait_for(lambda m: "checkpoint_postponed" in m)
+        finally:
+            run.broker.resume()
+
+    result, run, _ = _run_with_outage(tmp_path, 2, 600, outage, then=garbage_then_more,
+                                      source__stop_at="end", checkpoint__every_steps=1)
+    assert result.state == "finished", result.error
+    postponed = [m for m in run.reports.items if "checkpoint_postponed" in m]
+    assert postponed and "not delivered" in postponed[0]["checkpoint_postponed"]
+    assert min(m["step"] for m in postponed) >= 4
+    assert result.metrics["examples"] == 1200 and result.metrics["rejected"] == 3
+    assert load_state(result.checkpoint_path)["offsets"] == {0: 603, 1: 600}
+    lineage = _lineage(tmp_path / "records")
+    assert len(lineage) == len(set(lineage)) == 1200
 
 
 def test_train_command_fails_fast_when_the_broker_is_unreachable(tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
