@@ -69,7 +69,7 @@ def job_spec(args: argparse.Namespace, workload: Workload, bootstrap: str, topic
         "model": {"name": "mlp"},
         "cicw": CICWConfig(burn_in_steps=0).model_dump(mode="json"),
         "scaling": {"num_workers": args.workers},
-        "checkpoint": {"every_steps": args.checkpoint_every, "keep": 1, "storage_path": checkpoints},  # every_s: default
+        "checkpoint": {"every_steps": args.checkpoint_every, "keep": 1, "storage_path": checkpoints},
         "report_every_steps": args.report_every,
         "max_failures": 0,
     })
