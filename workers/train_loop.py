@@ -145,12 +145,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             dlq.flush(DLQ_FINAL_FLUSH_S if final else DLQ_PERIODIC_FLUSH_S)
             undelivered = None
         except DeadLettersPending as exc:
-            if final:
-                raise DeadLettersPending(f"{exc}; no checkpoint written, so a rerun retrains from the last "
-                                         "one and routes these records again") from exc
             undelivered = str(exc)
-        if all_ranks_sum([float(undelivered is not None)])[0]:
-            publish({**metrics, "checkpoint_postponed": undelivered or "another rank's dead letters are not delivered"})
+        if all_ranks_sum([float(undelivered is not None)])[0]:  # every rank decides alike
+            why = undelivered or "another rank's dead letters are not delivered"
+            if final:
+                raise DeadLettersPending(f"{why}; no checkpoint written, so a rerun retrains from the last "
+                                         "one and routes these records again")
+            publish({**metrics, "checkpoint_postponed": why})
             return False
         # Offsets after the batches trained, not those decoded ahead; and each rank's RNG states.
         mine = (dict(batches.positions), randomness.state())
