@@ -41,7 +41,7 @@ import torch.nn.functional as F
 
 import cicw
 from machine_info import cpu_name  # bench/ is on sys.path when a bench script runs
-from workers.models import build_model
+from workers.train.models import build_model
 
 GAMMA = 0.01
 N = 128

@@ -34,12 +34,12 @@ from collections.abc import Callable
 import numpy as np
 from confluent_kafka import Producer
 
-from workers.broker import EmbeddedBroker
-from workers.codecs import decode_batch
-from workers.kafka_clients import CONSUME_BATCH, CONFLUENT_DEFAULTS
-from workers.records import CodecSpec, ImageFormat, JsonFormat, RawFormat
-from workers.source import KafkaSource, SourceSpec
-from workers.topics import ensure_topic
+from workers.kafka.broker import EmbeddedBroker
+from workers.kafka.codecs import decode_batch
+from workers.kafka.clients import CONSUME_BATCH, CONFLUENT_DEFAULTS
+from workers.kafka.records import CodecSpec, ImageFormat, JsonFormat, RawFormat
+from workers.kafka.source import KafkaSource, SourceSpec
+from workers.kafka.topics import ensure_topic
 
 PARTITIONS = 4
 BATCH = 1024

@@ -42,13 +42,13 @@ import torch
 from cicw import CICWConfig, CICWLoss
 from machine_info import cpu_name  # bench/ is on sys.path when a bench script runs
 from stream_train import SLACK_BATCHES, Workload, decoded_in_memory, fill_topic, load_workload
-from workers.broker import EmbeddedBroker
-from workers.dead_letters import dlq_topic
-from workers.job_spec import JobSpec
-from workers.models import build_model
-from workers.topics import ensure_topic
-from workers.train_loop import build_optimizer
-from workers.trainer import run_job
+from workers.kafka.broker import EmbeddedBroker
+from workers.kafka.dead_letters import dlq_topic
+from workers.spec import JobSpec
+from workers.train.models import build_model
+from workers.kafka.topics import ensure_topic
+from workers.train.loop import build_optimizer
+from workers.runner import run_job
 
 TARGET = 0.9
 

@@ -31,8 +31,8 @@ import torch.nn.functional as F
 
 from cicw import CICWConfig, CICWLoss
 from cicw.noise import CIFAR10_ASYMMETRIC_MAP, corrupt_labels
-from workers.datasets import LabelledImages, load_cifar10, load_fashion_mnist
-from workers.models import build_model
+from workers.data.datasets import LabelledImages, load_cifar10, load_fashion_mnist
+from workers.train.models import build_model
 
 # Fashion-MNIST classes: T-shirt 0, Trouser 1, Pullover 2, Dress 3, Coat 4, Sandal 5, Shirt 6,
 # Sneaker 7, Bag 8, Ankle boot 9. Look-alike flips in the spirit of the CIFAR-10 map.

@@ -26,9 +26,9 @@ import numpy as np
 import torch
 
 import stream_train as st  # bench/ is on sys.path when a bench script runs
-from workers.broker import EmbeddedBroker
-from workers.codecs import decode_batch
-from workers.source import KafkaSource, SourceSpec
+from workers.kafka.broker import EmbeddedBroker
+from workers.kafka.codecs import decode_batch
+from workers.kafka.source import KafkaSource, SourceSpec
 
 Batches = list[tuple[torch.Tensor, torch.Tensor]]
 

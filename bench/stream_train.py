@@ -21,7 +21,7 @@ and produce-to-optimizer-step latency under a rate-limited producer.
     (the poller's consume() waits up to 0.1 s to fill that many) and the client's
     fetch.wait.max.ms (how long a broker may hold a fetch; the embedded broker holds it that long
     even when records arrive; librdkafka's 500 ms set the latency until the library's default
-    became 100 ms, workers.kafka_clients.CONFLUENT_DEFAULTS).
+    became 100 ms, workers.kafka.clients.CONFLUENT_DEFAULTS).
 
 Records are what `cicw-stream produce` writes for Fashion-MNIST: 784 raw uint8 bytes, labels in
 the "label" and "clean_label" headers (real Fashion-MNIST when the Debian package is installed,
@@ -68,14 +68,14 @@ from confluent_kafka import Producer
 
 from cicw import CICWConfig, CICWLoss
 from machine_info import cpu_name  # bench/ is on sys.path when a bench script runs
-from workers.broker import EmbeddedBroker
-from workers.codecs import decode_batch
-from workers.datasets import FASHION_MNIST_DIR, load_fashion_mnist
-from workers.models import build_model
-from workers.prefetch import DecodedBatches, ReadyBatch
-from workers.records import CodecSpec, KafkaRecord, RawFormat, RecordChunk
-from workers.source import KafkaSource, SourceSpec
-from workers.topics import ensure_topic
+from workers.kafka.broker import EmbeddedBroker
+from workers.kafka.codecs import decode_batch
+from workers.data.datasets import FASHION_MNIST_DIR, load_fashion_mnist
+from workers.train.models import build_model
+from workers.kafka.prefetch import DecodedBatches, ReadyBatch
+from workers.kafka.records import CodecSpec, KafkaRecord, RawFormat, RecordChunk
+from workers.kafka.source import KafkaSource, SourceSpec
+from workers.kafka.topics import ensure_topic
 
 PARTITIONS = 4
 NUM_CLASSES = 10
@@ -319,7 +319,7 @@ def run_memory(trainer: Trainer, x: torch.Tensor, y: torch.Tensor, batch_size: i
 
 class InlineBatches:
     """--no-decode-ahead: next_batch and decode_batch on the training thread, as the train loop
-    did before workers.prefetch (the same interface as DecodedBatches)."""
+    did before workers.kafka.prefetch (the same interface as DecodedBatches)."""
 
     def __init__(self, source: KafkaSource, codec: CodecSpec) -> None:
         self._source, self._codec = source, codec
@@ -458,7 +458,7 @@ def throughput_lines(pair: Pair, threads: int, model: str, device: torch.device)
 THROUGHPUT_HEADER = (f"{'threads':>7} {'feed':>6} {'rec/s':>8} {'steps':>5} {'start':>6} {'wait':>6} "
                      f"{'train':>6} {'stall':>6} {'main':>6} {'other':>6} {'broker':>6} {'foreign':>6}")
 THROUGHPUT_LEGEND = ("start: s from KafkaSource.start() to the first batch; wait/train: main-thread ms per step "
-                     "waiting for the next decoded batch (decode-ahead, workers.prefetch) / in the CICW step; stall: "
+                     "waiting for the next decoded batch (decode-ahead, workers.kafka.prefetch) / in the CICW step; stall: "
                      "ms per step the main thread was off-CPU while not waiting for data (waiting for the GIL or a core); main/other/broker/foreign: cores busy on "
                      "average in the main thread / this process's other threads (poller, librdkafka, torch workers) "
                      "/ the broker / all other processes. Medians over uncontended pairs (foreign < "
@@ -713,7 +713,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--drain-s", type=float, default=10.0, help="latency: wait this long for a backlog after producing")
     p.add_argument("--latency-threads", type=int, default=1, help="torch threads in the latency runs")
     p.add_argument("--no-decode-ahead", dest="decode_ahead", action="store_false",
-                   help="(1): fetch and decode on the training thread instead of workers.prefetch's thread")
+                   help="(1): fetch and decode on the training thread instead of workers.kafka.prefetch's thread")
     p.add_argument("--switch-interval", type=float, default=None,
                    help="sys.setswitchinterval in seconds (GIL hand-over; Python's default 0.005)")
     p.add_argument("--data", default="auto", choices=["auto", "random"],

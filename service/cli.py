@@ -27,7 +27,7 @@ def _broker(args: argparse.Namespace) -> int:
     import signal
     import threading
 
-    from workers.broker import BrokerError, EmbeddedBroker
+    from workers.kafka.broker import BrokerError, EmbeddedBroker
 
     stop = threading.Event()
     # The handler only sets the event; the main thread stops the broker.
@@ -53,10 +53,10 @@ def _produce(args: argparse.Namespace) -> int:
     from confluent_kafka import Producer
     from pydantic import ValidationError
 
-    from workers.datasets import DatasetError
-    from workers.kafka_clients import SourceClientError
-    from workers.produce import ProduceSpec, produce
-    from workers.topics import ensure_topic
+    from workers.data.datasets import DatasetError
+    from workers.kafka.clients import SourceClientError
+    from workers.data.produce import ProduceSpec, produce
+    from workers.kafka.topics import ensure_topic
 
     fields = {k: v for k, v in vars(args).items() if k not in ("command", "run") and v is not None}
     try:
@@ -83,8 +83,8 @@ def _train(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
     from service.progress import ProgressPrinter
-    from workers.job_spec import JobSpec
-    from workers.trainer import run_job
+    from workers.spec import JobSpec
+    from workers.runner import run_job
 
     try:
         spec = JobSpec.from_file(args.spec)

@@ -17,11 +17,11 @@ from typing import Any
 
 import numpy as np
 
-from workers.datasets import FASHION_MNIST_DIR
-from workers.job_spec import JobSpec
-from workers.produce import ProduceSpec, produce
-from workers.topics import ensure_topic
-from workers.trainer import JobResult, run_job
+from workers.data.datasets import FASHION_MNIST_DIR
+from workers.spec import JobSpec
+from workers.data.produce import ProduceSpec, produce
+from workers.kafka.topics import ensure_topic
+from workers.runner import JobResult, run_job
 
 TOPIC, EVAL_TOPIC = "demo", "demo-test"
 
@@ -80,7 +80,7 @@ def run_demo(*, records: int, noise_rate: float, checkpoints: str, workers: int,
              on_report: Callable[[dict[str, Any]], None] | None = None,
              say: Callable[[str], None] = print) -> JobResult:
     """Broker up, data in, job run, broker down; returns the job's result."""
-    from workers.broker import EmbeddedBroker
+    from workers.kafka.broker import EmbeddedBroker
 
     with EmbeddedBroker() as broker, tempfile.TemporaryDirectory(prefix="cicw-demo-") as workdir:
         say(f"embedded broker at {broker.bootstrap}")

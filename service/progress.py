@@ -41,7 +41,7 @@ NOTABLE = ("checkpoint_step", "checkpoint_postponed", "eval_accuracy", "stalled_
 
 
 class ProgressPrinter:
-    """Callable on each report (see ``workers.trainer.run_job(on_report=...)``)."""
+    """Callable on each report (see ``workers.runner.run_job(on_report=...)``)."""
 
     def __init__(self, stream: TextIO, *, tty: bool | None = None, every_s: float = 5.0,
                  clock: Callable[[], float] = time.monotonic) -> None:

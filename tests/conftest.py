@@ -7,7 +7,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from workers.broker import EmbeddedBroker
+from workers.kafka.broker import EmbeddedBroker
 
 # Ray Train's controller polls its workers this often (default 2 s): a job's end, and any report
 # that finds the previous one not yet taken, wait for the next poll. The jobs in these tests are

@@ -10,7 +10,7 @@ from typing import Any
 from pydantic import BaseModel
 from pydantic_core import PydanticUndefined
 
-from .job_spec import JobSpec
+from .spec import JobSpec
 
 HEADER = """# Job spec reference
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from workers.augment import pad_crop_flip
+from workers.train.augment import pad_crop_flip
 
 
 def test_each_image_is_a_shifted_window_of_its_padding_maybe_mirrored() -> None:

@@ -12,7 +12,7 @@ import pytest
 from confluent_kafka import Consumer, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
 
-from workers.broker import BrokerError, EmbeddedBroker, free_port
+from workers.kafka.broker import BrokerError, EmbeddedBroker, free_port
 
 
 def _topic(bootstrap: str, partitions: int) -> str:

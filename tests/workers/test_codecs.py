@@ -16,10 +16,10 @@ from confluent_kafka import Consumer, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
 from PIL import Image
 
-from workers.broker import EmbeddedBroker
-from workers.codecs import RecordRejected, _clean_label, decode_batch, decode_record
-from workers.dead_letters import OFFSET_HEADER, PARTITION_HEADER, REASON_HEADER, DeadLetterSink, dlq_topic
-from workers.records import CodecSpec, ImageFormat, KafkaRecord, RawFormat, RecordChunk
+from workers.kafka.broker import EmbeddedBroker
+from workers.kafka.codecs import RecordRejected, _clean_label, decode_batch, decode_record
+from workers.kafka.dead_letters import OFFSET_HEADER, PARTITION_HEADER, REASON_HEADER, DeadLetterSink, dlq_topic
+from workers.kafka.records import CodecSpec, ImageFormat, KafkaRecord, RawFormat, RecordChunk
 
 
 def _rec(value: bytes | None, offset: int = 0, *, partition: int = 0, label: int | None = None,

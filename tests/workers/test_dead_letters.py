@@ -8,12 +8,12 @@ from typing import Any
 import pytest
 from confluent_kafka import Consumer, Producer, TopicPartition
 
-from workers.broker import EmbeddedBroker
-from workers.codecs import Rejection
-from workers.dead_letters import (OFFSET_HEADER, REASON_HEADER, VALUE_DROPPED_HEADER, DeadLetterError,
+from workers.kafka.broker import EmbeddedBroker
+from workers.kafka.codecs import Rejection
+from workers.kafka.dead_letters import (OFFSET_HEADER, REASON_HEADER, VALUE_DROPPED_HEADER, DeadLetterError,
                                   DeadLetterSink, DeadLettersPending, dlq_topic)
-from workers.records import KafkaRecord
-from workers.topics import ensure_topic
+from workers.kafka.records import KafkaRecord
+from workers.kafka.topics import ensure_topic
 
 
 def _rejection(topic: str, offset: int, value: bytes | None) -> Rejection:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 
-from workers.group_commits import GroupCommitter
+from workers.kafka.group_commits import GroupCommitter
 
 
 class FakeClient:

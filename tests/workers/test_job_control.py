@@ -20,11 +20,11 @@ import pytest
 import torch
 from confluent_kafka import Producer
 
-from workers.broker import EmbeddedBroker, free_port
-from workers.checkpoints import load_state
-from workers.job_spec import JobSpec
-from workers.topics import ensure_topic
-from workers.trainer import JobResult, run_job
+from workers.kafka.broker import EmbeddedBroker, free_port
+from workers.train.checkpoints import load_state
+from workers.spec import JobSpec
+from workers.kafka.topics import ensure_topic
+from workers.runner import JobResult, run_job
 
 from .test_train_job import _lineage
 
@@ -298,7 +298,7 @@ def test_train_command_with_eval_set_factory_model_and_an_empty_rank(
     monkeypatch.setenv("CICW_MODEL_PACKAGES", "workers")
     spec = _spec(bootstrap, topic, tmp_path, source__stop_at="end",
                  codec={"format": {"kind": "json"}, "input_shape": [1, 4, 4], "num_classes": 3},
-                 model={"name": "workers.models:small_cnn", "options": {"width": 8}},
+                 model={"name": "workers.train.models:small_cnn", "options": {"width": 8}},
                  evaluation={"topic": eval_topic, "every_steps": 10})
     (tmp_path / "job.json").write_text(spec.model_dump_json())
     assert cli_main(["train", str(tmp_path / "job.json"), "--json"]) == 0

@@ -13,8 +13,8 @@ import pytest
 import torch
 from PIL import Image
 
-from workers.datasets import DatasetError, load_cifar10, load_fashion_mnist, read_idx
-from workers.models import MODEL_PACKAGES_ENV, allowed_model_packages, build_model
+from workers.data.datasets import DatasetError, load_cifar10, load_fashion_mnist, read_idx
+from workers.train.models import MODEL_PACKAGES_ENV, allowed_model_packages, build_model
 
 
 @pytest.mark.parametrize("name,in_shape", [("mlp", (1, 28, 28)), ("small_cnn", (1, 28, 28)),

@@ -6,8 +6,8 @@ import time
 
 import pytest
 
-from workers.prefetch import DecodedBatches
-from workers.records import CodecSpec, KafkaRecord, RawFormat
+from workers.kafka.prefetch import DecodedBatches
+from workers.kafka.records import CodecSpec, KafkaRecord, RawFormat
 
 
 class ScriptedSource:

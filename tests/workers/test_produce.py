@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 
 from service.cli import main as cli_main
-from workers.broker import EmbeddedBroker
-from workers.codecs import decode_batch
-from workers.produce import ProduceSpec, _read_csv, produce
-from workers.records import CodecSpec, RawFormat
-from workers.source import KafkaSource, SourceSpec
+from workers.kafka.broker import EmbeddedBroker
+from workers.kafka.codecs import decode_batch
+from workers.data.produce import ProduceSpec, _read_csv, produce
+from workers.kafka.records import CodecSpec, RawFormat
+from workers.kafka.source import KafkaSource, SourceSpec
 
 
 class ListProducer:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from workers.randomness import WorkerRandomness, derived_seed
+from workers.train.randomness import WorkerRandomness, derived_seed
 
 CPU = torch.device("cpu")
 

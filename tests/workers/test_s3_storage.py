@@ -16,10 +16,10 @@ from pathlib import Path
 
 import pytest
 
-from workers.broker import EmbeddedBroker
-from workers.checkpoints import STATE_FILE, load_state
-from workers.topics import ensure_topic
-from workers.trainer import run_job
+from workers.kafka.broker import EmbeddedBroker
+from workers.train.checkpoints import STATE_FILE, load_state
+from workers.kafka.topics import ensure_topic
+from workers.runner import run_job
 
 from .test_job_control import _send, _spec
 from .test_train_job import _lineage

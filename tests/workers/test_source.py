@@ -11,10 +11,10 @@ import pytest
 from confluent_kafka import KafkaError, Message, Producer
 from confluent_kafka.admin import AdminClient, NewTopic
 
-from workers.broker import EmbeddedBroker, free_port
-from workers.kafka_clients import CONSUME_BATCH, ConfluentClient, SourceClientError, TransientClientError
-from workers.records import KafkaRecord
-from workers.source import KafkaSource, SourceSpec, StartAtOffsets, StartAtTimestamp, assigned_partitions
+from workers.kafka.broker import EmbeddedBroker, free_port
+from workers.kafka.clients import CONSUME_BATCH, ConfluentClient, SourceClientError, TransientClientError
+from workers.kafka.records import KafkaRecord
+from workers.kafka.source import KafkaSource, SourceSpec, StartAtOffsets, StartAtTimestamp, assigned_partitions
 
 CLIENTS = ["confluent", "kafka-python"]
 

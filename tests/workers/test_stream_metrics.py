@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from workers.stream_metrics import MetricWindow
+from workers.train.metrics import MetricWindow
 
 
 def test_window_sums_and_summary() -> None:

@@ -14,13 +14,13 @@ import numpy as np
 import pytest
 from confluent_kafka import Consumer, Producer, TopicPartition
 
-from workers.broker import EmbeddedBroker
-from workers.checkpoints import load_state
-from workers.dead_letters import dlq_topic
-from workers.job_spec import JobSpec
-from workers.produce import ProduceSpec, produce
-from workers.topics import ensure_topic
-from workers.trainer import run_job
+from workers.kafka.broker import EmbeddedBroker
+from workers.train.checkpoints import load_state
+from workers.kafka.dead_letters import dlq_topic
+from workers.spec import JobSpec
+from workers.data.produce import ProduceSpec, produce
+from workers.kafka.topics import ensure_topic
+from workers.runner import run_job
 
 pytestmark = pytest.mark.slow
 

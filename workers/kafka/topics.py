@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from .kafka_clients import SourceClientError
+from .clients import SourceClientError
 
 
 def ensure_topic(bootstrap: str, topic: str, partitions: int, config: Mapping[str, str] | None = None,

@@ -9,11 +9,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from .control import open_channel
-from .job_spec import JobSpec
-from .kafka_clients import SourceClientError, make_client
-from .models import allowed_model_packages, build_model
-from .train_loop import train_loop_per_worker
+from .train.control import open_channel
+from .spec import JobSpec
+from .kafka.clients import SourceClientError, make_client
+from .train.models import allowed_model_packages, build_model
+from .train.loop import train_loop_per_worker
 
 JobState = Literal["finished", "stopped", "failed"]
 

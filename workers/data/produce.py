@@ -20,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, PositiveFloat
 from cicw.noise import CIFAR10_ASYMMETRIC_MAP, corrupt_labels
 
 from .datasets import FASHION_MNIST_DIR, DatasetError, load_cifar10, load_fashion_mnist
-from .dead_letters import Producer
+from ..kafka.dead_letters import Producer
 
 
 class ProduceSpec(BaseModel):

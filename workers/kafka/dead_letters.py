@@ -7,6 +7,7 @@ from collections.abc import Callable, Iterable
 from typing import Any, Protocol
 
 from .codecs import Rejection
+from ..errors import DeadLetterError, DeadLettersPending
 
 DLQ_SUFFIX = ".dlq"
 # Header names on dead-lettered records; the original headers follow them unchanged.
@@ -29,14 +30,6 @@ class Producer(Protocol):
     def poll(self, timeout: float = ...) -> int: ...
 
     def flush(self, timeout: float = ...) -> int: ...
-
-
-class DeadLetterError(RuntimeError):
-    """Dead letters were refused or could not be delivered; the caller must not commit past them."""
-
-
-class DeadLettersPending(DeadLetterError):
-    """Dead letters are still queued (broker unreachable): they may yet be delivered."""
 
 
 def dlq_topic(topic: str) -> str:

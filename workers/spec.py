@@ -12,9 +12,9 @@ from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, PositiveFloat
 
 from cicw import CICWConfig
 
-from .evaluation import EvaluationSpec
-from .records import CodecSpec
-from .source import SourceSpec
+from .train.evaluation import EvaluationSpec
+from .kafka.records import CodecSpec
+from .kafka.source import SourceSpec
 
 
 class ModelSpec(BaseModel):

@@ -16,14 +16,7 @@ from pydantic import ValidationError
 from torch import Tensor
 
 from .records import CodecSpec, ImageFormat, JsonFormat, JsonValue, KafkaRecord, RawFormat, RecordChunk
-
-
-class RecordRejected(ValueError):
-    """A record's bytes or contents are invalid; ``reason`` says which check failed."""
-
-    def __init__(self, reason: str) -> None:
-        super().__init__(reason)
-        self.reason = reason
+from ..errors import RecordRejected
 
 
 @dataclass(frozen=True)

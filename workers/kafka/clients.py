@@ -10,6 +10,7 @@ from typing import Any, Literal, Protocol
 import numpy as np
 
 from .records import RecordChunk
+from ..errors import SourceClientError, TransientClientError
 
 ClientName = Literal["confluent", "kafka-python"]
 
@@ -30,15 +31,6 @@ CONFLUENT_DEFAULTS: dict[str, object] = {
 
 # Messages asked of confluent-kafka per consume() call (see ConfluentClient.poll).
 CONSUME_BATCH = 256
-
-
-class SourceClientError(RuntimeError):
-    """The Kafka client failed (broker unreachable, unknown topic, ...); wraps the library's error."""
-
-
-class TransientClientError(SourceClientError):
-    """A failure the client recovers from by itself (broker down, request timed out): the source
-    reports a stall and keeps polling rather than failing the job."""
 
 
 class PartitionClient(Protocol):

@@ -12,9 +12,10 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, model_validator
 from torch import Tensor, nn
 
-from .codecs import decode_batch
-from .records import CodecSpec
-from .source import KafkaSource, SourceSpec
+from ..kafka.codecs import decode_batch
+from ..kafka.records import CodecSpec
+from ..kafka.source import KafkaSource, SourceSpec
+from ..errors import EvaluationError
 
 
 class EvaluationSpec(BaseModel):
@@ -34,10 +35,6 @@ class EvaluationSpec(BaseModel):
         if (self.topic is None) == (self.path is None):
             raise ValueError("give exactly one of 'topic' or 'path'")
         return self
-
-
-class EvaluationError(RuntimeError):
-    """The evaluation set could not be read or does not fit the job's codec."""
 
 
 def load_eval_set(spec: EvaluationSpec, codec: CodecSpec, source: SourceSpec, *, rank: int = 0,

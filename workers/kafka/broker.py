@@ -12,13 +12,10 @@ import tempfile
 import time
 from pathlib import Path
 from types import TracebackType
+from ..errors import BrokerError
 
 # Tansu starts in milliseconds; this bounds a hung start, not a slow one.
 DEFAULT_STARTUP_TIMEOUT_S = 15.0
-
-
-class BrokerError(RuntimeError):
-    """The embedded broker could not be found, started, or reached."""
 
 
 def broker_binary() -> str:

@@ -15,7 +15,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, PositiveFloat, PositiveInt
 
-from .kafka_clients import ClientName, PartitionClient, SourceClientError, TransientClientError, make_client
+from .clients import ClientName, PartitionClient, SourceClientError, TransientClientError, make_client
 from .records import RecordChunk
 
 

@@ -28,18 +28,19 @@ from cicw import CICWLoss
 
 from .augment import pad_crop_flip
 from .checkpoints import load_state, save_state
-from .codecs import decode_batch
+from ..kafka.codecs import decode_batch
 from .control import StopWatch
-from .dead_letters import DeadLetterSink, DeadLettersPending
+from ..kafka.dead_letters import DeadLetterSink, DeadLettersPending
 from .evaluation import load_eval_set, score
-from .group_commits import confluent_committer
-from .job_spec import JobSpec, OptimizerSpec
+from ..kafka.group_commits import confluent_committer
+from ..spec import JobSpec, OptimizerSpec
 from .models import build_model
-from .prefetch import DecodedBatches
+from ..kafka.prefetch import DecodedBatches
 from .randomness import WorkerRandomness, seed_model_init
-from .records import ImageFormat
-from .source import KafkaSource
-from .stream_metrics import MetricWindow
+from ..kafka.records import ImageFormat
+from ..kafka.source import KafkaSource
+from .metrics import MetricWindow
+from ..errors import SourceStalledError
 
 # While no rank has records, a stalled job still reports this often (the CLI shows the stall).
 IDLE_REPORT_EVERY_S = 5.0
@@ -58,10 +59,6 @@ COMMIT_CLOSE_TIMEOUT_S = 5.0
 # JobChannel at every report, and Ray Train with every checkpoint (every N steps / T seconds,
 # and the last), the only reports it must see.
 log = logging.getLogger(__name__)
-
-
-class SourceStalledError(RuntimeError):
-    """The broker stayed unreachable past the job's ``source.stall_deadline_s``."""
 
 
 def build_optimizer(spec: OptimizerSpec, params: Iterable[torch.nn.Parameter],
@@ -83,7 +80,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     from confluent_kafka import Producer
 
     spec = JobSpec.model_validate(config["spec"])
-    channel = config.get("channel")  # a workers.control.JobChannel actor, or None
+    channel = config.get("channel")  # a workers.train.control.JobChannel actor, or None
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()

@@ -1,0 +1,1 @@
+"""Kafka I/O: clients, records, the source, codecs, decode-ahead, dead letters, group commits, topics, the embedded broker."""
