@@ -8,11 +8,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, PositiveFloat, PositiveInt
+from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, PositiveFloat, PositiveInt, model_validator
 
-from cicw import CICWConfig
+from cicw.config import CICWConfig
 
-from .train.evaluation import EvaluationSpec
 from .kafka.records import CodecSpec
 from .kafka.source import SourceSpec
 
@@ -61,6 +60,24 @@ class CheckpointSpec(BaseModel):
                                                             "most this much training is redone.")
     keep: PositiveInt = Field(3, description="Checkpoints kept (the newest).")
     storage_path: str = Field("./checkpoints", description="Local directory or pyarrow filesystem URI (s3://...).")
+
+class EvaluationSpec(BaseModel):
+    """Where the clean evaluation set comes from and how often it is scored."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    every_steps: PositiveInt = Field(200, description="Score the evaluation set every N optimizer steps.")
+    topic: str | None = Field(None, description="A topic on the job's brokers, read from the start to its "
+                                                "end when the job starts, decoded with the job's codec.")
+    path: str | None = Field(None, description="An .npz file with x [N, *input_shape] as the model takes it "
+                                               "(what the codec outputs) and y [N] class indices.")
+    max_examples: PositiveInt = Field(10_000, description="Examples kept (the first ones).")
+    batch_size: PositiveInt = 512
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "EvaluationSpec":
+        if (self.topic is None) == (self.path is None):
+            raise ValueError("give exactly one of 'topic' or 'path'")
+        return self
 
 
 class JobSpec(BaseModel):

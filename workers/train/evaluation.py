@@ -9,32 +9,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field, PositiveInt, model_validator
 from torch import Tensor, nn
 
 from ..kafka.codecs import decode_batch
 from ..kafka.records import CodecSpec
 from ..kafka.source import KafkaSource, SourceSpec
+from ..spec import EvaluationSpec
 from ..errors import EvaluationError
-
-
-class EvaluationSpec(BaseModel):
-    """Where the clean evaluation set comes from and how often it is scored."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-    every_steps: PositiveInt = Field(200, description="Score the evaluation set every N optimizer steps.")
-    topic: str | None = Field(None, description="A topic on the job's brokers, read from the start to its "
-                                                "end when the job starts, decoded with the job's codec.")
-    path: str | None = Field(None, description="An .npz file with x [N, *input_shape] as the model takes it "
-                                               "(what the codec outputs) and y [N] class indices.")
-    max_examples: PositiveInt = Field(10_000, description="Examples kept (the first ones).")
-    batch_size: PositiveInt = 512
-
-    @model_validator(mode="after")
-    def _one_source(self) -> "EvaluationSpec":
-        if (self.topic is None) == (self.path is None):
-            raise ValueError("give exactly one of 'topic' or 'path'")
-        return self
 
 
 def load_eval_set(spec: EvaluationSpec, codec: CodecSpec, source: SourceSpec, *, rank: int = 0,
