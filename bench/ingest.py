@@ -36,7 +36,8 @@ from confluent_kafka import Producer
 
 from workers.kafka.broker import EmbeddedBroker
 from workers.kafka.codecs import decode_batch
-from workers.kafka.clients import CONSUME_BATCH, CONFLUENT_DEFAULTS
+from workers.kafka.clients import CONFLUENT_DEFAULTS, CONSUME_BATCH
+from workers.kafka.producing import produce_waiting
 from workers.kafka.records import CodecSpec, ImageFormat, JsonFormat, RawFormat
 from workers.kafka.source import KafkaSource, SourceSpec
 from workers.kafka.topics import ensure_topic
@@ -77,12 +78,7 @@ def fill(bootstrap: str, fmt: str, n: int) -> tuple[str, CodecSpec, int]:
     values, codec = make_values(fmt, n, np.random.default_rng(0))
     producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 20})
     for i, v in enumerate(values):
-        while True:
-            try:
-                producer.produce(topic, value=v, partition=i % PARTITIONS, headers=[("label", str(i % 10).encode())])
-                break
-            except BufferError:
-                producer.flush(1)
+        produce_waiting(producer, topic, value=v, partition=i % PARTITIONS, headers=[("label", str(i % 10).encode())])
     producer.flush(60)
     return topic, codec, len(values[0])
 

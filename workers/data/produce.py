@@ -20,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, PositiveFloat
 from cicw.noise import CIFAR10_ASYMMETRIC_MAP, corrupt_labels
 
 from .datasets import FASHION_MNIST_DIR, DatasetError, load_cifar10, load_fashion_mnist
-from ..kafka.dead_letters import Producer
+from ..kafka.producing import Producer, produce_waiting
 
 
 class ProduceSpec(BaseModel):
@@ -106,17 +106,6 @@ def encode(x: np.ndarray, fmt: str, label: int) -> bytes:
     return buf.getvalue()
 
 
-def _produce(producer: Producer, topic: str, value: bytes, headers: list[tuple[str, bytes]],
-             partition: int | None) -> None:
-    kwargs = {} if partition is None else {"partition": partition}
-    while True:
-        try:
-            producer.produce(topic, value=value, headers=headers, **kwargs)
-            return
-        except BufferError:  # the client's local queue is full: let it drain, then retry
-            producer.flush(1.0)
-
-
 def produce(spec: ProduceSpec, producer: Producer, *, partitions: int | None = None,
             clock: Callable[[], float] = time.monotonic, sleep: Callable[[float], None] = time.sleep) -> ProduceReport:
     """Write ``passes`` passes over the (noisy) dataset; labels go in headers (json: also "y").
@@ -146,8 +135,9 @@ def produce(spec: ProduceSpec, producer: Producer, *, partitions: int | None = N
                     sleep(wait)
             headers = [(spec.label_header, str(int(noisy[i])).encode()),
                        (spec.clean_label_header, str(int(clean[i])).encode())]
-            _produce(producer, spec.topic, encode(x[i], spec.format, int(noisy[i])), headers,
-                     None if partitions is None else sent % partitions)
+            where = {} if partitions is None else {"partition": sent % partitions}
+            produce_waiting(producer, spec.topic, value=encode(x[i], spec.format, int(noisy[i])), headers=headers,
+                            **where)
             sent += 1
     remaining = producer.flush(30.0)
     if remaining:
