@@ -14,7 +14,7 @@ TORCH_PIP_ARGS ?=
 HAS_CUDA := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo 1)
 TORCH_SPEC := $(if $(HAS_CUDA),torch,torch==$(TORCH_VERSION))
 
-.PHONY: demo test venv clean bench
+.PHONY: demo test lint venv clean bench
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -34,7 +34,12 @@ venv: $(VENV)/.installed-viz
 demo: $(VENV)/.installed-viz
 	$(BIN)/cicw-stream demo
 
-test: $(VENV)/.installed-test
+# Static checks first (seconds), then the whole suite; settings in pyproject.toml.
+lint: $(VENV)/.installed-test
+	$(BIN)/ruff check .
+	$(BIN)/mypy
+
+test: lint
 	$(BIN)/python -m pytest
 
 clean:

@@ -33,14 +33,13 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from machine_info import cpu_name  # bench/ is on sys.path when a bench script runs
 
 import cicw
-from machine_info import cpu_name  # bench/ is on sys.path when a bench script runs
 from workers.train.models import build_model
 
 GAMMA = 0.01
@@ -131,8 +130,10 @@ def bench_solver(repeats: int, cvxpy_repeats: int) -> list[str]:
             ours_s = _median_seconds(ours, repeats, warmup=5)
             y_dense = (F.one_hot(y, k) if kind == "one-hot" else y).double().numpy()
             losses64 = (-lp64).numpy()
-            exact_s = _median_seconds(lambda: cvxpy_inner_losses(losses64, y_dense, GAMMA), cvxpy_repeats, warmup=1)
-            ref_s = _median_seconds(lambda: cvxpy_reference_form(losses64, y_dense, GAMMA), cvxpy_repeats, warmup=0)
+            exact_s = _median_seconds(lambda l=losses64, t=y_dense: cvxpy_inner_losses(l, t, GAMMA),  # type: ignore[misc]
+                                      cvxpy_repeats, warmup=1)
+            ref_s = _median_seconds(lambda l=losses64, t=y_dense: cvxpy_reference_form(l, t, GAMMA),  # type: ignore[misc]
+                                    cvxpy_repeats, warmup=0)
             ref = cvxpy_inner_losses(losses64, y_dense, GAMMA)
             y64 = y if kind == "one-hot" else y.double()
             d32 = float(np.max(np.abs(ref - ours().double().numpy())))
@@ -184,7 +185,8 @@ def make_step(method: str, model: torch.nn.Module, opt: torch.optim.Optimizer, x
     return step
 
 
-def _setup(name: str, device: torch.device) -> tuple[torch.nn.Module, torch.optim.Optimizer, torch.Tensor, torch.Tensor]:
+def _setup(name: str, device: torch.device,
+           ) -> tuple[torch.nn.Module, torch.optim.Optimizer, torch.Tensor, torch.Tensor]:
     torch.manual_seed(0)
     in_shape = (1, 28, 28) if name == "mlp" else (3, 32, 32)
     model = build_model(name, in_shape=in_shape, num_classes=10).to(device)

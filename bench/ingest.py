@@ -35,8 +35,8 @@ import numpy as np
 from confluent_kafka import Producer
 
 from workers.kafka.broker import EmbeddedBroker
-from workers.kafka.codecs import decode_batch
 from workers.kafka.clients import CONFLUENT_DEFAULTS, CONSUME_BATCH
+from workers.kafka.codecs import decode_batch
 from workers.kafka.producing import produce_waiting
 from workers.kafka.records import CodecSpec, ImageFormat, JsonFormat, RawFormat
 from workers.kafka.source import KafkaSource, SourceSpec
@@ -157,9 +157,10 @@ def main(argv: list[str] | None = None) -> int:
             for client in ("confluent", "kafka-python"):
                 m = n if client == "confluent" else args.kafka_python_records
                 bares: dict[str, Callable[[], float]] = (
-                    {f"consume({per_call})": (lambda k=per_call: bare_confluent(bs, topic, m, k))  # type: ignore[misc]
+                    {f"consume({per_call})": (lambda k=per_call, t=topic, m=m: bare_confluent(bs, t, m, k))  # type: ignore[misc]
                      for per_call in (10_000, CONSUME_BATCH)}
-                    if client == "confluent" else {"poll(max_records=10000)": lambda: bare_kafka_python(bs, topic, m)})
+                    if client == "confluent"
+                    else {"poll(max_records=10000)": lambda t=topic, m=m: bare_kafka_python(bs, t, m)})  # type: ignore[misc]
                 bare: dict[str, list[float]] = {k: [] for k in bares}
                 ours: list[float] = []
                 starts: list[float] = []

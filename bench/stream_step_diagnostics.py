@@ -23,9 +23,9 @@ import time
 import uuid
 
 import numpy as np
+import stream_train as st  # bench/ is on sys.path when a bench script runs
 import torch
 
-import stream_train as st  # bench/ is on sys.path when a bench script runs
 from workers.kafka.broker import EmbeddedBroker
 from workers.kafka.codecs import decode_batch
 from workers.kafka.source import KafkaSource, SourceSpec

@@ -31,7 +31,23 @@ _HOME = {
     "Schedule": "schedule",
 }
 
-__all__ = sorted(_HOME)
+__all__ = [
+    "CLASS_DIVERGENCES",
+    "INSTANCE_DIVERGENCES",
+    "MIXUP_MODES",
+    "CICWConfig",
+    "CICWDiagnostics",
+    "CICWLoss",
+    "CICWOutput",
+    "ClassDivergence",
+    "InstanceDivergence",
+    "MixupMode",
+    "Schedule",
+    "class_reweighted_loss",
+    "instance_weights",
+    "weighted_mixup",
+]
+assert sorted(__all__) == sorted(_HOME)
 
 
 def __getattr__(name: str) -> Any:

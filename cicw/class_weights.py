@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from .simplex import project_rows_to_simplex
-from .validation import check_choice, check_finite_number, check_finite_tensor, check_targets
+from .validation import check_choice, check_finite_number, check_targets
 
 ClassDivergence = Literal["none", "kl", "tv", "l1", "l2"]
 CLASS_DIVERGENCES = ("none", "kl", "tv", "l1", "l2")
@@ -100,8 +100,7 @@ def class_reweighted_loss(
     if k < 1:
         raise ValueError("log_probs needs at least one class")
     hard = check_targets(targets, n, k, check_values=validate_args)
-    if validate_args:
-        if log_probs.numel() and bool(torch.isnan(log_probs).any()):
+    if validate_args and log_probs.numel() and bool(torch.isnan(log_probs).any()):
             raise ValueError("log_probs must not contain NaN")
 
     inner, v, _ = inner_losses(log_probs, targets, hard=hard, divergence=divergence, gamma=gamma,

@@ -51,7 +51,7 @@ class CICWConfig(BaseModel):
     validate_args: bool = Field(True, description="Check tensor values each step (syncs the device).")
 
     @model_validator(mode="after")
-    def _tv_needs_radius(self) -> "CICWConfig":
+    def _tv_needs_radius(self) -> CICWConfig:
         if self.instance_divergence == "tv" and self.radius is None:
             raise ValueError("radius is required when instance_divergence is 'tv'")
         return self

@@ -11,11 +11,12 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 from torch import Tensor
+from torch.distributed import ProcessGroup
 
-__all__ = ["GlobalBatch", "resolve_group", "gather_rows", "all_reduce_sum", "broadcast_from_first"]
+__all__ = ["GlobalBatch", "all_reduce_sum", "broadcast_from_first", "gather_rows", "resolve_group"]
 
 
-def resolve_group(group: object | None) -> object | None:
+def resolve_group(group: ProcessGroup | None) -> ProcessGroup | None:
     """Return the process group to use, or None when the batch is local.
 
     ``group=None`` means the default group when torch.distributed is initialised; a group of
@@ -46,7 +47,7 @@ class GlobalBatch:
         return slice(start, start + self.counts[self.rank])
 
     @staticmethod
-    def exchange(local_count: int, device: torch.device, group: object | None) -> "GlobalBatch":
+    def exchange(local_count: int, device: torch.device, group: ProcessGroup | None) -> GlobalBatch:
         """All-gather the per-rank row counts (one collective); local when ``group`` is None."""
         if group is None:
             return GlobalBatch(counts=(local_count,), rank=0)
@@ -57,7 +58,7 @@ class GlobalBatch:
         return GlobalBatch(counts=tuple(int(c.item()) for c in counts), rank=dist.get_rank(group))
 
 
-def gather_rows(t: Tensor, batch: GlobalBatch, group: object | None) -> Tensor:
+def gather_rows(t: Tensor, batch: GlobalBatch, group: ProcessGroup | None) -> Tensor:
     """Concatenate every rank's ``t`` along dim 0 in rank order.
 
     Shape: ``t`` is [n_local, *rest]; the result is [sum of n over ranks, *rest]. No gradient
@@ -73,7 +74,7 @@ def gather_rows(t: Tensor, batch: GlobalBatch, group: object | None) -> Tensor:
     return torch.cat([p[:c] for p, c in zip(parts, batch.counts)], dim=0)
 
 
-def all_reduce_sum(t: Tensor, group: object | None) -> Tensor:
+def all_reduce_sum(t: Tensor, group: ProcessGroup | None) -> Tensor:
     """Sum ``t`` over ranks (returns a new tensor; ``t`` is left alone)."""
     if group is None:
         return t
@@ -82,7 +83,7 @@ def all_reduce_sum(t: Tensor, group: object | None) -> Tensor:
     return out
 
 
-def broadcast_from_first(t: Tensor, group: object | None) -> Tensor:
+def broadcast_from_first(t: Tensor, group: ProcessGroup | None) -> Tensor:
     """Make every rank hold the first rank's ``t``, so random draws agree across ranks."""
     if group is None:
         return t

@@ -6,6 +6,7 @@ from typing import Literal
 
 import torch
 from torch import Tensor
+from torch.distributed import ProcessGroup
 
 from .distributed import GlobalBatch, gather_rows, resolve_group
 from .validation import check_choice, check_finite_number, check_finite_tensor
@@ -25,7 +26,7 @@ def instance_weights(
     alpha: float = 1.0,
     lam: float = 1.0,
     radius: float | None = None,
-    group: object | None = None,
+    group: ProcessGroup | None = None,
     validate_args: bool = True,
 ) -> Tensor:
     r"""Importance weights over the examples of a (global) minibatch.

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.distributed import ProcessGroup
 
 from .class_weights import inner_losses
 from .config import CICWConfig
@@ -61,7 +62,7 @@ class CICWLoss(nn.Module):
         >>> out.loss.backward(); loss_fn.step()
     """
 
-    def __init__(self, config: CICWConfig, num_classes: int, *, group: object | None = None,
+    def __init__(self, config: CICWConfig, num_classes: int, *, group: ProcessGroup | None = None,
                  generator: torch.Generator | None = None) -> None:
         super().__init__()
         if num_classes < 2:
@@ -186,7 +187,7 @@ class CICWLoss(nn.Module):
 
 
 def _gather_stats(losses: Tensor, labels: Tensor, moved: Tensor, batch: GlobalBatch,
-                  group: object | None) -> tuple[Tensor, Tensor, Tensor]:
+                  group: ProcessGroup | None) -> tuple[Tensor, Tensor, Tensor]:
     """Per-example (detached loss, given label, label mass moved) of the global batch, [N] each;
     one all-gather for the three under torch.distributed, nothing to do without it."""
     if group is None:

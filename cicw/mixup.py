@@ -7,6 +7,7 @@ from typing import Literal
 
 import torch
 from torch import Tensor
+from torch.distributed import ProcessGroup
 
 from .distributed import GlobalBatch, broadcast_from_first, gather_rows, resolve_group
 from .validation import check_choice, check_finite_number
@@ -29,7 +30,7 @@ def weighted_mixup(
     power: float = 1.0,
     generator: torch.Generator | None = None,
     predictions: Tensor | None = None,
-    group: object | None = None,
+    group: ProcessGroup | None = None,
 ) -> tuple[Tensor, Tensor]:
     r"""Mix each example with a partner chosen using the instance weights.
 

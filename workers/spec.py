@@ -74,7 +74,7 @@ class EvaluationSpec(BaseModel):
     batch_size: PositiveInt = 512
 
     @model_validator(mode="after")
-    def _one_source(self) -> "EvaluationSpec":
+    def _one_source(self) -> EvaluationSpec:
         if (self.topic is None) == (self.path is None):
             raise ValueError("give exactly one of 'topic' or 'path'")
         return self
@@ -86,7 +86,8 @@ class JobSpec(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    job_id: str = Field(pattern=r"^[a-z0-9][a-z0-9-]{0,62}$", description="Also names the consumer group cicw-<job_id>.")
+    job_id: str = Field(pattern=r"^[a-z0-9][a-z0-9-]{0,62}$",
+                        description="Also names the consumer group cicw-<job_id>.")
     source: SourceSpec = Field(description="The topic and how to read it.")
     codec: CodecSpec = Field(description="How records become tensors.")
     model: ModelSpec = Field(default_factory=ModelSpec)
@@ -110,7 +111,7 @@ class JobSpec(BaseModel):
         return f"cicw-{self.job_id}"
 
     @classmethod
-    def from_file(cls, path: str | Path) -> "JobSpec":
+    def from_file(cls, path: str | Path) -> JobSpec:
         """Read YAML (.yaml/.yml) or JSON; raises pydantic's ValidationError naming the field."""
         text = Path(path).read_text()
         data = json.loads(text) if str(path).endswith(".json") else yaml.safe_load(text)

@@ -52,7 +52,7 @@ def train(method: str, x: Tensor, y: Tensor, x_test: Tensor, y_test: Tensor, *, 
     torch.manual_seed(seed)
     model = _mlp()
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    config = CICWConfig(method=method, lam=lam, burn_in_steps=steps // 5, anneal_steps=steps // 5)  # type: ignore[arg-type]
+    config = CICWConfig(method=method, lam=lam, burn_in_steps=steps // 5, anneal_steps=steps // 5)
     loss_fn = CICWLoss(config, num_classes=2)
     g = torch.Generator().manual_seed(seed)
     for _ in range(steps):
@@ -65,10 +65,7 @@ def train(method: str, x: Tensor, y: Tensor, x_test: Tensor, y_test: Tensor, *, 
     with torch.no_grad():
         acc = float((model(x_test).argmax(1) == y_test).float().mean())
         losses = nn.functional.cross_entropy(model(x), y, reduction="none")
-        if method == "ciw":
-            w = instance_weights(losses, lam=lam) * len(y)
-        else:
-            w = torch.ones(len(y))
+        w = instance_weights(losses, lam=lam) * len(y) if method == "ciw" else torch.ones(len(y))
     return Trained(method, model, acc, w)
 
 

@@ -262,7 +262,7 @@ def test_tv_instance_weights_solve_the_lp(radius: float) -> None:
             w = cicw.instance_weights(torch.from_numpy(l), divergence="tv", radius=radius).numpy()
             assert (w >= 0).all() and abs(w.sum() - 1) < 1e-12
             assert 0.5 * np.abs(w - 1 / n).sum() <= radius + 1e-12
-            ref, w_ref = tv_instance_lp(l, radius)
+            ref, _ = tv_instance_lp(l, radius)
             assert abs(w @ l - ref) <= 1e-4, (n, ties, w @ l, ref)
             assert w @ l <= ref + 1e-7  # the LP's exact optimum, not merely near it
 

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
 import uuid
 
 import pytest
-from confluent_kafka import Consumer, Producer, TopicPartition
+from confluent_kafka import Consumer, KafkaException, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
 
 from workers.kafka.broker import BrokerError, EmbeddedBroker, free_port
@@ -70,7 +69,7 @@ def test_round_trip_with_both_clients_and_manual_assignment(kafka_broker: Embedd
 
 def test_missing_binary_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("CALF_TANSU_BIN", "/nonexistent/tansu")
-    with pytest.raises(BrokerError, match="no Tansu broker binary.*CALF_TANSU_BIN"):
+    with pytest.raises(BrokerError, match=r"no Tansu broker binary.*CALF_TANSU_BIN"):
         EmbeddedBroker().start()
 
 
@@ -85,5 +84,5 @@ def test_cli_prints_bootstrap_and_stops_on_sigterm() -> None:
     finally:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=10) == 0
-    with pytest.raises(Exception):  # the port is closed again once the command returned
+    with pytest.raises(KafkaException):  # the port is closed again once the command returned
         AdminClient({"bootstrap.servers": line, "socket.connection.setup.timeout.ms": 1000}).list_topics(timeout=2)

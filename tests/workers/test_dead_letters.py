@@ -10,8 +10,15 @@ from confluent_kafka import Consumer, Producer, TopicPartition
 
 from workers.kafka.broker import EmbeddedBroker
 from workers.kafka.codecs import Rejection
-from workers.kafka.dead_letters import (OFFSET_HEADER, REASON_HEADER, VALUE_DROPPED_HEADER, DeadLetterError,
-                                  DeadLetterSink, DeadLettersPending, dlq_topic)
+from workers.kafka.dead_letters import (
+    OFFSET_HEADER,
+    REASON_HEADER,
+    VALUE_DROPPED_HEADER,
+    DeadLetterError,
+    DeadLetterSink,
+    DeadLettersPending,
+    dlq_topic,
+)
 from workers.kafka.records import KafkaRecord
 from workers.kafka.topics import ensure_topic
 

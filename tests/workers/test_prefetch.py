@@ -13,7 +13,7 @@ from workers.kafka.records import CodecSpec, KafkaRecord, RawFormat
 class ScriptedSource:
     """A source whose next_batch hands out a fixed script, advancing positions like KafkaSource."""
 
-    def __init__(self, script: list[list[KafkaRecord] | None | Exception]) -> None:
+    def __init__(self, script: list[list[KafkaRecord] | Exception | None]) -> None:
         self.script = list(script)
         self.positions = {0: 0}
         self.calls = 0

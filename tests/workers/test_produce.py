@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 
 from service.cli import main as cli_main
+from workers.data.produce import ProduceSpec, _read_csv, produce
 from workers.kafka.broker import EmbeddedBroker
 from workers.kafka.codecs import decode_batch
-from workers.data.produce import ProduceSpec, _read_csv, produce
 from workers.kafka.records import CodecSpec, RawFormat
 from workers.kafka.source import KafkaSource, SourceSpec
 

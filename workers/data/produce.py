@@ -19,8 +19,8 @@ from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, PositiveFloat
 
 from cicw.noise import CIFAR10_ASYMMETRIC_MAP, corrupt_labels
 
-from .datasets import FASHION_MNIST_DIR, DatasetError, load_cifar10, load_fashion_mnist
 from ..kafka.producing import Producer, produce_waiting
+from .datasets import FASHION_MNIST_DIR, DatasetError, load_cifar10, load_fashion_mnist
 
 
 class ProduceSpec(BaseModel):

@@ -1,1 +1,2 @@
-"""Kafka I/O: clients, records, the source, codecs, decode-ahead, dead letters, group commits, topics, the embedded broker."""
+"""Kafka I/O: clients, records, the source, codecs, decode-ahead, dead letters, group commits,
+topics, producing, the embedded broker."""

@@ -12,6 +12,7 @@ import tempfile
 import time
 from pathlib import Path
 from types import TracebackType
+
 from ..errors import BrokerError
 
 # Tansu starts in milliseconds; this bounds a hung start, not a slow one.
@@ -60,7 +61,7 @@ class EmbeddedBroker:
     def running(self) -> bool:
         return self._proc is not None and self._proc.poll() is None
 
-    def start(self) -> "EmbeddedBroker":
+    def start(self) -> EmbeddedBroker:
         """Start the process and return once it answers a metadata request.
 
         Raises BrokerError naming the cause (binary missing, process exited, not ready in time).
@@ -112,7 +113,7 @@ class EmbeddedBroker:
         if self._proc is not None:
             self._proc.send_signal(signal.SIGCONT)
 
-    def __enter__(self) -> "EmbeddedBroker":
+    def __enter__(self) -> EmbeddedBroker:
         return self.start()
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,

@@ -1,1 +1,2 @@
-"""What each Ray Train worker runs: the loop, its state and checkpoints, models, evaluation, randomness, metrics, control."""
+"""What each Ray Train worker runs: the loop, its state and checkpoints, models, evaluation,
+randomness, metrics, control."""
