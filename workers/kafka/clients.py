@@ -9,8 +9,8 @@ from typing import Any, Literal, Protocol
 
 import numpy as np
 
-from .records import RecordChunk
 from ..errors import OffsetOutOfRangeError, SourceClientError, TransientClientError
+from .records import RecordChunk
 
 ClientName = Literal["confluent", "kafka-python"]
 
@@ -275,7 +275,8 @@ class KafkaPythonClient:
                                else self.watermarks(topic, tp.partition, timeout_s)[1]) for tp in tps}
 
     def poll(self, max_records: int, timeout_s: float) -> RecordChunk:
-        from kafka.errors import KafkaError, OffsetOutOfRangeError as KafkaOffsetOutOfRange
+        from kafka.errors import KafkaError
+        from kafka.errors import OffsetOutOfRangeError as KafkaOffsetOutOfRange
 
         try:
             batches = self._consumer.poll(timeout_ms=int(timeout_s * 1000), max_records=max_records)

@@ -24,10 +24,9 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, PositiveFloat, PositiveInt
 
-from .clients import (ClientName, FetchOutOfRange, PartitionClient, SourceClientError, TransientClientError,
-                      make_client)
-from .records import RecordChunk
 from ..errors import OffsetOutOfRangeError
+from .clients import ClientName, FetchOutOfRange, PartitionClient, SourceClientError, TransientClientError, make_client
+from .records import RecordChunk
 
 log = logging.getLogger(__name__)
 
