@@ -206,6 +206,9 @@ class KafkaSource:
         self._high: dict[int, int] = {}
 
     def start(self) -> "KafkaSource":
+        """Find this rank's partitions and positions, then start the poller. Raises
+        SourceClientError when the topic cannot be read, OffsetOutOfRangeError for a resumed
+        offset the broker no longer has (policy 'fail')."""
         client = self._factory()
         try:
             spec = self.spec
@@ -230,7 +233,7 @@ class KafkaSource:
 
     def _initial_positions(self, client: PartitionClient) -> dict[int, int]:
         if self._resume is not None:  # the checkpoint, not the group, is the source of truth
-            return self._resumed_positions(client)
+            return self._resumed_positions(client, self._resume)
         spec, out = self.spec, {}
         timeout = spec.metadata_timeout_s
         if isinstance(spec.start, StartAtTimestamp):
@@ -246,18 +249,17 @@ class KafkaSource:
                 out[p] = high if spec.start == "latest" else low
         return out
 
-    def _resumed_positions(self, client: PartitionClient) -> dict[int, int]:
+    def _resumed_positions(self, client: PartitionClient, resume: dict[int, int]) -> dict[int, int]:
         """The checkpoint's offsets, checked against the broker's range; partitions it lacks
         were added since it was written, so all their records are new to the job."""
-        assert self._resume is not None
         spec = self.spec
-        gone = sorted(p for p in self._resume if p >= self.partition_count and p % self.world_size == self.rank)
+        gone = sorted(p for p in resume if p >= self.partition_count and p % self.world_size == self.rank)
         if gone:
             log.warning("%s: checkpoint partitions %s no longer exist (the topic has %d)", spec.topic, gone,
                         self.partition_count)
         ranges = {p: client.watermarks(spec.topic, p, spec.metadata_timeout_s) for p in self.partitions}
-        out = {p: self._resume.get(p, low) for p, (low, _) in ranges.items()}
-        added = [p for p in self.partitions if p not in self._resume]
+        out = {p: resume.get(p, low) for p, (low, _) in ranges.items()}
+        added = [p for p in self.partitions if p not in resume]
         if added:
             log.info("%s: partitions %s are not in the checkpoint: read from their earliest offsets", spec.topic,
                      added)
@@ -453,6 +455,8 @@ class KafkaSource:
         if not refused.offsets:
             raise OffsetOutOfRangeError(f"{spec.topic}: {refused}") from refused
         for p, offset in refused.offsets.items():
+            if p not in self.partitions:  # a stale answer for a partition no longer assigned
+                continue
             try:
                 low, high = client.watermarks(spec.topic, p, spec.metadata_timeout_s)
             except TransientClientError as exc:
