@@ -1,6 +1,7 @@
 """KafkaSource against the real broker: assignment, exactly-once coverage, start positions and
 exact positions however batches cut the fetched chunks, bounded memory and a clear error when
-nothing answers; the confluent client's columns and its handling of errors fetched with records."""
+nothing answers; the confluent client's columns and its handling of errors fetched with records,
+and both clients' report of offsets the broker refuses."""
 
 from __future__ import annotations
 
@@ -11,8 +12,10 @@ import pytest
 from confluent_kafka import KafkaError, Message, Producer
 from confluent_kafka.admin import AdminClient, NewTopic
 
+from workers.errors import OffsetOutOfRangeError
 from workers.kafka.broker import EmbeddedBroker, free_port
-from workers.kafka.clients import CONSUME_BATCH, ConfluentClient, SourceClientError, TransientClientError
+from workers.kafka.clients import (CONFLUENT_DEFAULTS, CONSUME_BATCH, ConfluentClient, FetchOutOfRange,
+                                   KafkaPythonClient, SourceClientError, TransientClientError)
 from workers.kafka.records import KafkaRecord
 from workers.kafka.source import KafkaSource, SourceSpec, StartAtOffsets, StartAtTimestamp, assigned_partitions
 
@@ -225,3 +228,35 @@ def test_confluent_poll_builds_columns_and_keeps_records_fetched_with_an_error()
     with pytest.raises(SourceClientError, match="fetch failed") as failed:
         _confluent_client([msg(0, 0), Message(topic="t", partition=0, offset=1, error=fatal)]).poll(10, 0.1)
     assert not isinstance(failed.value, TransientClientError)
+
+
+def test_confluent_client_reports_refused_offsets_after_the_records_fetched_with_them() -> None:
+    # auto.offset.reset=error: librdkafka reports a position the broker no longer has as an
+    # error event for that partition instead of silently moving to the earliest offset.
+    assert CONFLUENT_DEFAULTS["auto.offset.reset"] == "error"
+    refused = Message(topic="t", partition=1, offset=40, error=KafkaError(KafkaError._AUTO_OFFSET_RESET))
+    client = _confluent_client([Message(topic="t", partition=0, offset=5, value=b"a"), refused,
+                                Message(topic="t", partition=0, offset=6, value=b"b")])
+    assert [(r.partition, r.offset) for r in client.poll(10, 0.1)] == [(0, 5), (0, 6)]
+    with pytest.raises(FetchOutOfRange) as out:
+        client.poll(10, 0.1)
+    assert out.value.offsets == {1: 40} and isinstance(out.value, OffsetOutOfRangeError)
+    broker_says = Message(topic="t", partition=2, offset=7, error=KafkaError(KafkaError.OFFSET_OUT_OF_RANGE))
+    with pytest.raises(FetchOutOfRange) as out:
+        _confluent_client([broker_says]).poll(10, 0.1)
+    assert out.value.offsets == {2: 7}
+
+
+def test_kafka_python_client_reports_refused_offsets() -> None:
+    from kafka import TopicPartition
+    from kafka.errors import OffsetOutOfRangeError as KafkaOffsetOutOfRange
+
+    class Refusing:
+        def poll(self, timeout_ms: int, max_records: int) -> dict:  # type: ignore[type-arg]
+            raise KafkaOffsetOutOfRange({TopicPartition("t", 3): 12})
+
+    client = KafkaPythonClient.__new__(KafkaPythonClient)  # no broker: only poll is exercised
+    client._consumer, client._topic = Refusing(), "t"  # type: ignore[assignment]
+    with pytest.raises(FetchOutOfRange) as out:
+        client.poll(10, 0.1)
+    assert out.value.offsets == {3: 12}

@@ -9,15 +9,18 @@ from typing import Any, Literal, Protocol
 
 import numpy as np
 
+from ..errors import OffsetOutOfRangeError, SourceClientError, TransientClientError
 from .records import RecordChunk
-from ..errors import SourceClientError, TransientClientError
 
 ClientName = Literal["confluent", "kafka-python"]
 
 # Consumer settings the confluent backend starts from (job settings override them).
 CONFLUENT_DEFAULTS: dict[str, object] = {
     "enable.auto.commit": False,
-    "auto.offset.reset": "earliest",
+    # A position the broker no longer has surfaces as an error (FetchOutOfRange) instead of a
+    # silent jump: "earliest" here retrained a whole log after retention passed the job by. The
+    # source applies the job's own policy (SourceSpec.offset_reset).
+    "auto.offset.reset": "error",
     # When librdkafka's prefetch queue is full (the job reads slower than the broker sends),
     # it pauses fetching for this long; at the default 1 s a reader that then drains the
     # 64 MB queue in 0.2 s (300k+ records/s of 800 bytes) sat idle for the rest of the second.
@@ -33,14 +36,33 @@ CONFLUENT_DEFAULTS: dict[str, object] = {
 CONSUME_BATCH = 256
 
 
+class FetchOutOfRange(OffsetOutOfRangeError):
+    """The broker refused to fetch from these positions (partition -> offset): they are outside
+    the partition's range. Raised by ``poll``; the source resets or fails per its policy."""
+
+    def __init__(self, message: str, offsets: Mapping[int, int] | None = None) -> None:
+        super().__init__(message)
+        self.offsets = dict(offsets or {})
+
+    def __reduce__(self):  # type: ignore[no-untyped-def]
+        return type(self), (str(self), self.offsets)
+
+
 class PartitionClient(Protocol):
-    def partitions(self, topic: str, timeout_s: float) -> list[int]: ...
+    def partitions(self, topic: str, timeout_s: float) -> list[int]:
+        """The topic's partitions per a fresh metadata request (sorted)."""
     def assign(self, topic: str, positions: Mapping[int, int]) -> None: ...
     def watermarks(self, topic: str, partition: int, timeout_s: float) -> tuple[int, int]: ...
     def offsets_for_time(self, topic: str, partitions: list[int], timestamp_ms: int,
                          timeout_s: float) -> dict[int, int]: ...
     def poll(self, max_records: int, timeout_s: float) -> RecordChunk:
-        """Up to ``max_records`` records of the assigned partitions, in fetch order."""
+        """Up to ``max_records`` records of the assigned partitions, in fetch order. Raises
+        FetchOutOfRange for positions the broker no longer has (after handing out the records
+        fetched before the error), TransientClientError for failures the client retries."""
+    def position(self, topic: str, partition: int) -> int | None:
+        """The consumer's next offset for an assigned partition (no request): one past the last
+        record returned, and past transaction markers and aborted records the fetch skipped;
+        None before the consumer knows it."""
     def cached_high_watermark(self, topic: str, partition: int) -> int | None:
         """The high watermark the last fetch response carried (no request); None if unknown."""
     def close(self) -> None: ...
@@ -64,7 +86,7 @@ class ConfluentClient:
         self._message = Message
         self._message_error = Message.error
         self._topic = ""
-        self._pending_error: TransientClientError | None = None
+        self._pending_error: SourceClientError | None = None
 
     def partitions(self, topic: str, timeout_s: float) -> list[int]:
         from confluent_kafka import KafkaException
@@ -116,7 +138,7 @@ class ConfluentClient:
             want = min(max_records - got, CONSUME_BATCH)
             try:
                 part, fetched = self._consume(want, timeout)
-            except TransientClientError as exc:
+            except (TransientClientError, FetchOutOfRange) as exc:
                 if not parts:
                     raise
                 self._pending_error = exc  # hand out what was fetched before it first
@@ -149,24 +171,37 @@ class ConfluentClient:
     def _without_errors(self, messages: list[Any]) -> list[Any]:
         from confluent_kafka import KafkaError
 
-        kept, transient = [], None
+        kept, transient, out_of_range = [], None, {}
         for m in messages:
             err = m.error()
             if err is None:
                 kept.append(m)
             elif err.code() == KafkaError._PARTITION_EOF:  # informational, not a failure
                 continue
+            elif err.code() in (KafkaError._AUTO_OFFSET_RESET, KafkaError.OFFSET_OUT_OF_RANGE):
+                # auto.offset.reset=error: librdkafka stops fetching the partition until it is
+                # assigned again; the message carries the partition and the refused offset.
+                out_of_range[m.partition()] = m.offset()
             elif err.fatal():
                 raise SourceClientError(f"fetch failed: {err}")
             elif transient is None:  # librdkafka reconnects and retries by itself
                 transient = TransientClientError(f"fetch failed: {err}")
-        if transient is not None:
+        error: SourceClientError | None = transient
+        if out_of_range:  # the job's policy decides; it outranks a transient error
+            error = FetchOutOfRange(f"fetch refused, offsets out of range: {out_of_range}", out_of_range)
+        if error is not None:
             if not kept:
-                raise transient
+                raise error
             # The consumer has moved past the records fetched with the error: hand them out
             # now and report the error on the next poll, or they would be lost until a restart.
-            self._pending_error = transient
+            self._pending_error = error
         return kept
+
+    def position(self, topic: str, partition: int) -> int | None:
+        from confluent_kafka import TopicPartition
+
+        offset = self._consumer.position([TopicPartition(topic, partition)])[0].offset
+        return int(offset) if offset >= 0 else None  # OFFSET_INVALID (-1001) before any fetch
 
     def cached_high_watermark(self, topic: str, partition: int) -> int | None:
         from confluent_kafka import TopicPartition
@@ -187,7 +222,11 @@ class KafkaPythonClient:
         settings: dict[str, object] = {"bootstrap_timeout_ms": int(timeout_s * 1000), **dict(config)}
         try:
             self._consumer = KafkaConsumer(bootstrap_servers=bootstrap, group_id=group_id,
-                                           enable_auto_commit=False, auto_offset_reset="earliest",
+                                           enable_auto_commit=False,
+                                           # "none": poll raises OffsetOutOfRangeError for a
+                                           # position the broker no longer has (the source's
+                                           # policy decides) instead of silently moving.
+                                           auto_offset_reset="none",
                                            **settings)
         except KafkaError as exc:  # NoBrokersAvailable when nothing answers at bootstrap
             raise SourceClientError(f"cannot reach Kafka at {bootstrap}: {exc!r}") from exc
@@ -202,6 +241,7 @@ class KafkaPythonClient:
         from kafka.errors import KafkaError
 
         try:
+            self._consumer.topics()  # a metadata request: partitions_for_topic answers from its cache
             parts = self._consumer.partitions_for_topic(topic)
         except KafkaError as exc:
             raise SourceClientError(f"cannot read metadata of topic {topic!r}: {exc}") from exc
@@ -236,9 +276,14 @@ class KafkaPythonClient:
 
     def poll(self, max_records: int, timeout_s: float) -> RecordChunk:
         from kafka.errors import KafkaError
+        from kafka.errors import OffsetOutOfRangeError as KafkaOffsetOutOfRange
 
         try:
             batches = self._consumer.poll(timeout_ms=int(timeout_s * 1000), max_records=max_records)
+        except KafkaOffsetOutOfRange as exc:  # args[0]: {TopicPartition: refused offset}
+            refused = exc.args[0] if exc.args and isinstance(exc.args[0], dict) else {}
+            offsets = {tp.partition: int(o) for tp, o in refused.items()}
+            raise FetchOutOfRange(f"fetch refused, offsets out of range: {offsets}", offsets) from exc
         except KafkaError as exc:
             if getattr(exc, "retriable", False):
                 raise TransientClientError(f"fetch failed: {exc!r}") from exc
@@ -251,6 +296,15 @@ class KafkaPythonClient:
 
     def cached_high_watermark(self, topic: str, partition: int) -> int | None:
         return self._consumer.highwater(self._tp(topic, partition))
+
+    def position(self, topic: str, partition: int) -> int | None:
+        from kafka.errors import KafkaError
+
+        try:  # known after assign() and seek(): answered locally (a zero timeout sends nothing)
+            offset = self._consumer.position(self._tp(topic, partition), timeout_ms=0)
+        except KafkaError:
+            return None
+        return int(offset) if offset is not None else None
 
     def close(self) -> None:
         self._consumer.close()
