@@ -23,8 +23,8 @@ import torch
 from pydantic import ValidationError
 from torch import Tensor
 
-from .records import CodecSpec, ImageFormat, JsonFormat, JsonValue, KafkaRecord, RawFormat, RecordChunk
 from ..errors import RecordRejected
+from .records import CodecSpec, ImageFormat, JsonFormat, JsonValue, KafkaRecord, RawFormat, RecordChunk
 
 
 @dataclass(frozen=True)
@@ -153,7 +153,7 @@ def _decode_raw_chunk(chunk: RecordChunk, fmt: RawFormat, spec: CodecSpec) -> De
     labels: list[int | None] = list(map(label_table.get, raw_labels))
     clean: list[int | None] = list(map(clean_table.get, raw_clean))
     try:  # the size checks of _value_problem, once per distinct length
-        flagged = any(_size_problem(n, spec, expected) for n in set(map(len, values)))
+        flagged = any(_size_problem(n, spec, expected) for n in set(map(len, values)))  # type: ignore[arg-type]
     except TypeError:  # len(None): a tombstone
         flagged = True
     if not flagged:
@@ -181,11 +181,12 @@ def _decode_raw_chunk(chunk: RecordChunk, fmt: RawFormat, spec: CodecSpec) -> De
             clean = [clean[i] for i in kept_at]
         targets, clean_labels = np.array(labels, dtype=np.int64), np.array(clean, dtype=np.int64)
     m = len(values)
-    x = np.frombuffer(b"".join(values), dtype=dtype).reshape(m, *spec.input_shape).astype(np.float32)
+    joined = b"".join(values)  # type: ignore[arg-type]  # no tombstone is left
+    x = np.frombuffer(joined, dtype=dtype).reshape(m, *spec.input_shape).astype(np.float32)
     if fmt.scale != 1.0:
         x *= np.float32(fmt.scale)
     if _may_be_non_finite(dtype, fmt.scale):
-        finite = np.isfinite(x.reshape(m, -1)).all(axis=1)
+        finite = np.isfinite(x.reshape(m, math.prod(spec.input_shape))).all(axis=1)  # m may be 0
         if not finite.all():
             rejected += [(kept_at[j], Rejection(chunk[kept_at[j]], _NON_FINITE))
                          for j in np.flatnonzero(~finite).tolist()]
@@ -207,6 +208,7 @@ def _raw_layout(fmt: RawFormat, spec: CodecSpec) -> tuple[np.dtype, int]:
     return dtype, math.prod(spec.input_shape) * dtype.itemsize
 
 
+@functools.lru_cache(maxsize=64)
 def _may_be_non_finite(dtype: np.dtype, scale: float) -> bool:
     """Whether raw values of ``dtype`` times ``scale`` can be NaN or infinite in float32."""
     if dtype.kind == "f":
@@ -250,7 +252,8 @@ def decode_record(rec: KafkaRecord, spec: CodecSpec) -> tuple[np.ndarray, int | 
     turned into one, its reason naming that exception.
     """
     try:
-        return _decode_record(rec, spec)
+        with np.errstate(over="ignore", invalid="ignore"):  # overflow to inf is rejected below, not warned
+            return _decode_record(rec, spec)
     except RecordRejected:
         raise
     except Exception as exc:  # noqa: BLE001 - a record's bytes must not be able to raise anything else
@@ -301,7 +304,7 @@ def _decode_json(value: bytes, spec: CodecSpec) -> tuple[np.ndarray, int | np.nd
 
 
 def _decode_image(value: bytes, fmt: ImageFormat, spec: CodecSpec) -> np.ndarray:
-    from PIL import Image
+    from PIL import Image, UnidentifiedImageError
 
     if len(spec.input_shape) != 3 or spec.input_shape[0] not in (1, 3):
         raise RecordRejected(f"image format needs input_shape [C, H, W] with C in (1, 3), got {list(spec.input_shape)}")
@@ -321,6 +324,8 @@ def _decode_image(value: bytes, fmt: ImageFormat, spec: CodecSpec) -> np.ndarray
             arr = np.asarray(img.convert("L" if c == 1 else "RGB"), dtype=np.float32)
     except RecordRejected:
         raise
+    except UnidentifiedImageError as exc:  # its message names the BytesIO object: not worth a header
+        raise RecordRejected(f"value is not a decodable image: Pillow cannot read it as {kind}") from exc
     except Exception as exc:  # noqa: BLE001 - Pillow raises OSError, ValueError, SyntaxError, ... on bad files
         raise RecordRejected(f"value is not a decodable image: {rejection_reason(exc)}") from exc
     x = (arr.reshape(h, w, c).transpose(2, 0, 1) / 255.0).astype(np.float32)
