@@ -29,6 +29,8 @@ from .records import CodecSpec, ImageFormat, JsonFormat, JsonValue, KafkaRecord,
 
 @dataclass(frozen=True)
 class Rejection:
+    """A record that cannot be trained on, and why (the dead letter's reason header)."""
+
     record: KafkaRecord
     reason: str
 
@@ -213,8 +215,9 @@ def _may_be_non_finite(dtype: np.dtype, scale: float) -> bool:
     """Whether raw values of ``dtype`` times ``scale`` can be NaN or infinite in float32."""
     if dtype.kind == "f":
         return True
-    with np.errstate(over="ignore"):
-        return not bool(np.isfinite(np.float32(np.iinfo(dtype).max) * np.float32(scale)))
+    info = np.iinfo(dtype)
+    with np.errstate(over="ignore", invalid="ignore"):
+        return not bool(np.isfinite(np.float32(max(-int(info.min), int(info.max))) * np.float32(scale)))
 
 
 # The value checks every format shares, written once: decode_record raises on them, the raw
