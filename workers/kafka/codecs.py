@@ -1,5 +1,12 @@
 """Records to tensors. A record that cannot be decoded or validated is rejected with a reason,
-never dropped silently: the caller routes rejections to the dead-letter topic."""
+never dropped silently: the caller routes rejections to the dead-letter topic.
+
+One bad record never fails a batch: any exception while decoding a record (RecursionError from
+deeply nested JSON, ValueError from an integer with thousands of digits, MemoryError, a Pillow
+error) rejects that record alone, with a reason naming the exception. Images are checked against
+the spec's size from their declared header before any pixel is decoded, so memory per record is
+bounded by ``max_record_bytes`` and the spec's input shape.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +14,7 @@ import functools
 import io
 import json
 import math
+import struct
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -15,12 +23,14 @@ import torch
 from pydantic import ValidationError
 from torch import Tensor
 
-from .records import CodecSpec, ImageFormat, JsonFormat, JsonValue, KafkaRecord, RawFormat, RecordChunk
 from ..errors import RecordRejected
+from .records import CodecSpec, ImageFormat, JsonFormat, JsonValue, KafkaRecord, RawFormat, RecordChunk
 
 
 @dataclass(frozen=True)
 class Rejection:
+    """A record that cannot be trained on, and why (the dead letter's reason header)."""
+
     record: KafkaRecord
     reason: str
 
@@ -49,12 +59,20 @@ def decode_batch(records: Sequence[KafkaRecord], spec: CodecSpec) -> DecodedBatc
     """Decode and validate ``records`` with ``spec``; invalid ones land in ``rejected``.
 
     ``records`` is a RecordChunk (what KafkaSource hands out) or any sequence of KafkaRecord.
-    A rejection holds the very record object that ``records`` yields at its position.
+    A rejection holds the very record object that ``records`` yields at its position. Every
+    record ends up exactly once either as a row of the tensors or in ``rejected``: no exception
+    raised while decoding one record escapes (KeyboardInterrupt and SystemExit do).
     """
-    if isinstance(spec.format, RawFormat):
-        chunk = RecordChunk.of_records(records)
-        if chunk is not None:
-            return _decode_raw_chunk(chunk, spec.format, spec)
+    # Overflow to inf (float64 or scaled values) is a rejection, not a warning in the logs.
+    with np.errstate(over="ignore", invalid="ignore"):
+        if isinstance(spec.format, RawFormat):
+            chunk = RecordChunk.of_records(records)
+            if chunk is not None:
+                return _decode_raw_chunk(chunk, spec.format, spec)
+        return _decode_each(records, spec)
+
+
+def _decode_each(records: Sequence[KafkaRecord], spec: CodecSpec) -> DecodedBatch:
     xs: list[np.ndarray] = []
     ys: list[int | np.ndarray] = []
     clean: list[int] = []
@@ -63,15 +81,13 @@ def decode_batch(records: Sequence[KafkaRecord], spec: CodecSpec) -> DecodedBatc
     for rec in records:
         tp = (rec.topic, rec.partition)
         next_offsets[tp] = max(next_offsets.get(tp, 0), rec.offset + 1)
-        try:
-            x, y = decode_record(rec, spec)
-            c = _clean_label(rec, spec)
-        except RecordRejected as exc:
-            rejected.append(Rejection(rec, exc.reason))
+        decoded = _decode_or_reject(rec, spec)
+        if isinstance(decoded, Rejection):
+            rejected.append(decoded)
             continue
-        xs.append(x)
-        ys.append(y)
-        clean.append(c)
+        xs.append(decoded[0])
+        ys.append(decoded[1])
+        clean.append(decoded[2])
     n = len(xs)
     inputs = torch.from_numpy(np.stack(xs)) if n else torch.zeros((0, *spec.input_shape))
     if any(isinstance(y, np.ndarray) for y in ys):
@@ -82,6 +98,30 @@ def decode_batch(records: Sequence[KafkaRecord], spec: CodecSpec) -> DecodedBatc
     return DecodedBatch(inputs=inputs.float(), targets=targets,
                         clean_labels=torch.tensor(clean, dtype=torch.int64),
                         next_offsets=next_offsets, rejected=rejected)
+
+
+def _decode_or_reject(rec: KafkaRecord, spec: CodecSpec) -> tuple[np.ndarray, int | np.ndarray, int] | Rejection:
+    """(features, label, clean label) of one record, or its rejection."""
+    try:
+        x, y = decode_record(rec, spec)
+        return x, y, _clean_label(rec, spec)
+    except Exception as exc:  # noqa: BLE001 - whatever one record's bytes provoke rejects that record only
+        return Rejection(rec, rejection_reason(exc))
+
+
+# Room for the exception's message in a reason (dead-letter headers, logs); the rest is cut.
+_REASON_MESSAGE_CHARS = 200
+
+
+def rejection_reason(exc: BaseException) -> str:
+    """The reason a record is rejected for ``exc``: a RecordRejected's own reason, else the
+    exception's type and its message (cut to 200 characters)."""
+    if isinstance(exc, RecordRejected):
+        return exc.reason
+    message = str(exc)
+    if len(message) > _REASON_MESSAGE_CHARS:
+        message = message[:_REASON_MESSAGE_CHARS] + "..."
+    return f"decoding raised {type(exc).__name__}: {message}" if message else f"decoding raised {type(exc).__name__}"
 
 
 # Labels are parsed through a table of the canonical spellings ("0" .. "K-1"); anything else
@@ -105,8 +145,7 @@ def _decode_raw_chunk(chunk: RecordChunk, fmt: RawFormat, spec: CodecSpec) -> De
     # are read as lists and checked in bulk, all valid values are converted by one frombuffer,
     # and a record is looked at on its own only when a bulk check flags it (then to find the
     # reason, or to parse an unusual but valid label such as "07").
-    dtype = np.dtype(fmt.dtype).newbyteorder("<")
-    expected = math.prod(spec.input_shape) * dtype.itemsize
+    dtype, expected = _raw_layout(fmt, spec)
     values = chunk.values()
     label_table, clean_table = _label_tables(spec.num_classes)
     if fmt.label_from == "header":
@@ -115,8 +154,8 @@ def _decode_raw_chunk(chunk: RecordChunk, fmt: RawFormat, spec: CodecSpec) -> De
         raw_labels, raw_clean = chunk.keys(), chunk.header_values(spec.clean_label_header, _ABSENT)
     labels: list[int | None] = list(map(label_table.get, raw_labels))
     clean: list[int | None] = list(map(clean_table.get, raw_clean))
-    try:
-        flagged = not (set(map(len, values)) <= {expected} and expected <= spec.max_record_bytes)
+    try:  # the size checks of _value_problem, once per distinct length
+        flagged = any(_size_problem(n, spec, expected) for n in set(map(len, values)))  # type: ignore[arg-type]
     except TypeError:  # len(None): a tombstone
         flagged = True
     if not flagged:
@@ -128,14 +167,14 @@ def _decode_raw_chunk(chunk: RecordChunk, fmt: RawFormat, spec: CodecSpec) -> De
     rejected: list[tuple[int, Rejection]] = []  # (position in the chunk, rejection)
     if flagged:
         for i, (v, y, c) in enumerate(zip(values, labels, clean)):
-            if y is not None and c is not None and v is not None and len(v) == expected <= spec.max_record_bytes:
+            if y is not None and c is not None and _value_problem(v, spec, expected) is None:
                 continue
             rec = chunk[i]
             try:
-                _check_raw_size(rec.value, fmt, spec, expected)
+                _check_value(rec.value, spec, expected)
                 labels[i], clean[i] = _label(rec, fmt.label_from, spec), _clean_label(rec, spec)
-            except RecordRejected as exc:
-                rejected.append((i, Rejection(rec, exc.reason)))
+            except Exception as exc:  # noqa: BLE001 - one record's failure rejects that record only
+                rejected.append((i, Rejection(rec, rejection_reason(exc))))
         if rejected:
             bad = {i for i, _ in rejected}
             kept_at = [i for i in kept_at if i not in bad]
@@ -144,13 +183,14 @@ def _decode_raw_chunk(chunk: RecordChunk, fmt: RawFormat, spec: CodecSpec) -> De
             clean = [clean[i] for i in kept_at]
         targets, clean_labels = np.array(labels, dtype=np.int64), np.array(clean, dtype=np.int64)
     m = len(values)
-    x = np.frombuffer(b"".join(values), dtype=dtype).reshape(m, *spec.input_shape).astype(np.float32)
+    joined = b"".join(values)  # type: ignore[arg-type]  # no tombstone is left
+    x = np.frombuffer(joined, dtype=dtype).reshape(m, *spec.input_shape).astype(np.float32)
     if fmt.scale != 1.0:
         x *= np.float32(fmt.scale)
-    if dtype.kind == "f":
-        finite = np.isfinite(x.reshape(m, -1)).all(axis=1)
+    if _may_be_non_finite(dtype, fmt.scale):
+        finite = np.isfinite(x.reshape(m, math.prod(spec.input_shape))).all(axis=1)  # m may be 0
         if not finite.all():
-            rejected += [(kept_at[j], Rejection(chunk[kept_at[j]], "features contain NaN or infinity"))
+            rejected += [(kept_at[j], Rejection(chunk[kept_at[j]], _NON_FINITE))
                          for j in np.flatnonzero(~finite).tolist()]
             rejected.sort(key=lambda r: r[0])  # fetch order, as decode_batch
             x, targets, clean_labels = x[finite], targets[finite], clean_labels[finite]
@@ -161,34 +201,83 @@ def _decode_raw_chunk(chunk: RecordChunk, fmt: RawFormat, spec: CodecSpec) -> De
                         rejected=[r for _, r in rejected])
 
 
-def _check_raw_size(value: bytes | None, fmt: RawFormat, spec: CodecSpec, expected: int) -> None:
+_NON_FINITE = "features contain NaN or infinity"
+
+
+def _raw_layout(fmt: RawFormat, spec: CodecSpec) -> tuple[np.dtype, int]:
+    """The little-endian element type of a raw value and the exact byte count of one."""
+    dtype = np.dtype(fmt.dtype).newbyteorder("<")
+    return dtype, math.prod(spec.input_shape) * dtype.itemsize
+
+
+@functools.lru_cache(maxsize=64)
+def _may_be_non_finite(dtype: np.dtype, scale: float) -> bool:
+    """Whether raw values of ``dtype`` times ``scale`` can be NaN or infinite in float32."""
+    if dtype.kind == "f":
+        return True
+    info = np.iinfo(dtype)
+    with np.errstate(over="ignore", invalid="ignore"):
+        return not bool(np.isfinite(np.float32(max(-int(info.min), int(info.max))) * np.float32(scale)))
+
+
+# The value checks every format shares, written once: decode_record raises on them, the raw
+# chunk path applies _size_problem to each distinct length and _value_problem to a flagged record.
+def _size_problem(n: int, spec: CodecSpec, raw_bytes: int | None) -> str | None:
+    """Why a value of ``n`` bytes is rejected (None if it is not): over ``max_record_bytes``, or
+    not exactly ``raw_bytes`` long (raw format)."""
+    if n > spec.max_record_bytes:
+        return f"value of {n} bytes exceeds max_record_bytes={spec.max_record_bytes}"
+    if raw_bytes is not None and n != raw_bytes:
+        dtype = spec.format.dtype if isinstance(spec.format, RawFormat) else "?"
+        return f"raw value has {n} bytes, expected {raw_bytes} ({dtype} x {list(spec.input_shape)})"
+    return None
+
+
+def _value_problem(value: bytes | None, spec: CodecSpec, raw_bytes: int | None) -> str | None:
+    """Why ``value`` is rejected before it is decoded (a tombstone, or a size problem), or None."""
     if value is None:
-        raise RecordRejected("empty value (tombstone)")
-    if len(value) > spec.max_record_bytes:
-        raise RecordRejected(f"value of {len(value)} bytes exceeds max_record_bytes={spec.max_record_bytes}")
-    if len(value) != expected:
-        raise RecordRejected(f"raw value has {len(value)} bytes, expected {expected} "
-                             f"({fmt.dtype} x {list(spec.input_shape)})")
+        return "empty value (tombstone)"
+    return _size_problem(len(value), spec, raw_bytes)
+
+
+def _check_value(value: bytes | None, spec: CodecSpec, raw_bytes: int | None) -> bytes:
+    """``value`` if it passes :func:`_value_problem`; else RecordRejected."""
+    problem = _value_problem(value, spec, raw_bytes)
+    if problem is not None:
+        raise RecordRejected(problem)
+    return value  # type: ignore[return-value]  # not None: no problem
 
 
 def decode_record(rec: KafkaRecord, spec: CodecSpec) -> tuple[np.ndarray, int | np.ndarray]:
-    """One record's features (float32, ``spec.input_shape``) and label. Raises RecordRejected."""
-    value = rec.value
-    if value is None:
-        raise RecordRejected("empty value (tombstone)")
-    if len(value) > spec.max_record_bytes:
-        raise RecordRejected(f"value of {len(value)} bytes exceeds max_record_bytes={spec.max_record_bytes}")
+    """One record's features (float32, ``spec.input_shape``) and label.
+
+    Raises RecordRejected, whatever the record holds: any other exception its bytes provoke is
+    turned into one, its reason naming that exception.
+    """
+    try:
+        with np.errstate(over="ignore", invalid="ignore"):  # overflow to inf is rejected below, not warned
+            return _decode_record(rec, spec)
+    except RecordRejected:
+        raise
+    except Exception as exc:  # noqa: BLE001 - a record's bytes must not be able to raise anything else
+        raise RecordRejected(rejection_reason(exc)) from exc
+
+
+def _decode_record(rec: KafkaRecord, spec: CodecSpec) -> tuple[np.ndarray, int | np.ndarray]:
     fmt = spec.format
     if isinstance(fmt, JsonFormat):
-        x, y = _decode_json(value, spec)
+        x, y = _decode_json(_check_value(rec.value, spec, None), spec)
     elif isinstance(fmt, RawFormat):
-        x = _decode_raw(value, fmt, spec)
+        dtype, expected = _raw_layout(fmt, spec)
+        value = _check_value(rec.value, spec, expected)
+        x = np.frombuffer(value, dtype=dtype).astype(np.float32).reshape(spec.input_shape)
+        x = x * np.float32(fmt.scale) if fmt.scale != 1.0 else x
         y = _label(rec, fmt.label_from, spec)
     else:
-        x = _decode_image(value, fmt, spec)
+        x = _decode_image(_check_value(rec.value, spec, None), fmt, spec)
         y = _label(rec, fmt.label_from, spec)
     if not np.isfinite(x).all():
-        raise RecordRejected("features contain NaN or infinity")
+        raise RecordRejected(_NON_FINITE)
     return x, y
 
 
@@ -197,9 +286,14 @@ def _decode_json(value: bytes, spec: CodecSpec) -> tuple[np.ndarray, int | np.nd
         parsed = JsonValue.model_validate(json.loads(value))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise RecordRejected(f"value is not JSON: {exc}") from exc
-    except ValidationError as exc:
+    except ValidationError as exc:  # before ValueError, its base class
         fields = ", ".join(".".join(str(p) for p in e["loc"]) or "value" for e in exc.errors())
         raise RecordRejected(f"JSON value has invalid field(s): {fields}") from exc
+    except RecursionError as exc:  # the parser's depth is bounded by the interpreter's recursion limit
+        raise RecordRejected("value is JSON nested too deeply to parse (RecursionError)") from exc
+    except ValueError as exc:  # not a JSONDecodeError: an integer literal past int_max_str_digits
+        raise RecordRejected(f"value is JSON this codec cannot read (ValueError: "
+                             f"{str(exc)[:_REASON_MESSAGE_CHARS]})") from exc
     try:
         x = np.asarray(parsed.x)  # no dtype: numpy would parse strings such as "nan" as floats
     except (ValueError, TypeError) as exc:
@@ -212,35 +306,122 @@ def _decode_json(value: bytes, spec: CodecSpec) -> tuple[np.ndarray, int | np.nd
     return x.reshape(spec.input_shape), _validate_label(parsed.y, spec)
 
 
-def _decode_raw(value: bytes, fmt: RawFormat, spec: CodecSpec) -> np.ndarray:
-    dtype = np.dtype(fmt.dtype).newbyteorder("<")
-    expected = math.prod(spec.input_shape) * dtype.itemsize
-    if len(value) != expected:
-        raise RecordRejected(f"raw value has {len(value)} bytes, expected {expected} "
-                             f"({fmt.dtype} x {list(spec.input_shape)})")
-    x = np.frombuffer(value, dtype=dtype).astype(np.float32).reshape(spec.input_shape)
-    return x * np.float32(fmt.scale) if fmt.scale != 1.0 else x
-
-
 def _decode_image(value: bytes, fmt: ImageFormat, spec: CodecSpec) -> np.ndarray:
     from PIL import Image, UnidentifiedImageError
 
     if len(spec.input_shape) != 3 or spec.input_shape[0] not in (1, 3):
         raise RecordRejected(f"image format needs input_shape [C, H, W] with C in (1, 3), got {list(spec.input_shape)}")
     c, h, w = spec.input_shape
+    kind, value, declared = _image_header(value)
+    # Checked before Pillow sees the file: a small file may declare a huge image (8000x8000 PNG
+    # of 62 KB), and only the spec's size is ever decoded. Pillow's own decompression-bomb limit
+    # (Image.MAX_IMAGE_PIXELS, process-wide) is left alone: no image past this check exceeds it.
+    if declared != (w, h):
+        raise RecordRejected(f"image is {declared[0]}x{declared[1]}, expected {w}x{h}")
     try:
-        with Image.open(io.BytesIO(value)) as img:
-            if img.format not in ("PNG", "JPEG"):
+        with Image.open(io.BytesIO(value), formats=[kind]) as img:
+            if img.format != kind:  # e.g. a JPEG that Pillow reads as MPO
                 raise RecordRejected(f"image format {img.format} is not PNG or JPEG")
+            if img.size != (w, h):  # Pillow read another size than the header scan: decode nothing
+                raise RecordRejected(f"image is {img.size[0]}x{img.size[1]}, expected {w}x{h}")
             arr = np.asarray(img.convert("L" if c == 1 else "RGB"), dtype=np.float32)
-    except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as exc:
-        raise RecordRejected(f"value is not a decodable image: {exc}") from exc
-    if arr.shape[:2] != (h, w):
-        raise RecordRejected(f"image is {arr.shape[1]}x{arr.shape[0]}, expected {w}x{h}")
+    except RecordRejected:
+        raise
+    except UnidentifiedImageError as exc:  # its message names the BytesIO object: not worth a header
+        raise RecordRejected(f"value is not a decodable image: Pillow cannot read it as {kind}") from exc
+    except Exception as exc:  # noqa: BLE001 - Pillow raises OSError, ValueError, SyntaxError, ... on bad files
+        raise RecordRejected(f"value is not a decodable image: {rejection_reason(exc)}") from exc
     x = (arr.reshape(h, w, c).transpose(2, 0, 1) / 255.0).astype(np.float32)
     if fmt.mean is not None and fmt.std is not None:
         x = (x - np.asarray(fmt.mean, np.float32).reshape(-1, 1, 1)) / np.asarray(fmt.std, np.float32).reshape(-1, 1, 1)
     return x
+
+
+def _image_header(value: bytes) -> tuple[str, bytes, tuple[int, int]]:
+    """(Pillow format name, the bytes to give Pillow, declared (width, height)) of a PNG or JPEG
+    value, read from its header alone. Raises RecordRejected for anything else."""
+    if value.startswith(_PNG_SIGNATURE):
+        return ("PNG", *_png_essentials(value))
+    if value.startswith(b"\xff\xd8"):
+        return "JPEG", value, _jpeg_size(value)
+    raise RecordRejected(f"value is not a decodable image: not PNG or JPEG (starts with {value[:8]!r})")
+
+
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+# Chunks that define a PNG's pixels as Pillow decodes them; every other chunk is dropped unread,
+# so text chunks (zTXt/iTXt inflate up to Pillow's 1 MB a chunk and 64 MB a file), ICC profiles
+# and animation chunks cost nothing.
+_PNG_PIXEL_CHUNKS = frozenset({b"IHDR", b"PLTE", b"tRNS", b"IDAT", b"IEND"})
+
+
+def _png_essentials(value: bytes) -> tuple[bytes, tuple[int, int]]:
+    """The PNG with only its pixel chunks (``value`` itself when it has no other), and the
+    (width, height) its IHDR chunk declares."""
+    spans: list[tuple[int, int]] = []
+    dropped = False
+    size: tuple[int, int] | None = None
+    pos = len(_PNG_SIGNATURE)
+    while pos < len(value):
+        if pos + 12 > len(value):
+            raise RecordRejected(f"value is not a decodable image: PNG chunk at byte {pos} is truncated")
+        length, kind = struct.unpack_from(">I4s", value, pos)
+        end = pos + 12 + length  # length, type, data, CRC
+        if end > len(value):
+            raise RecordRejected(f"value is not a decodable image: PNG chunk {kind!r} at byte {pos} is truncated")
+        if size is None:
+            if kind != b"IHDR" or length != 13:
+                raise RecordRejected("value is not a decodable image: PNG does not start with an IHDR chunk")
+            size = struct.unpack_from(">II", value, pos + 8)
+        if kind in _PNG_PIXEL_CHUNKS:
+            spans.append((pos, end))
+        else:
+            dropped = True
+        pos = end
+        if kind == b"IEND":
+            break
+    if size is None:
+        raise RecordRejected("value is not a decodable image: PNG has no IHDR chunk")
+    if dropped:
+        value = b"".join([_PNG_SIGNATURE, *(value[a:b] for a, b in spans)])
+    return value, size
+
+
+# Start-of-frame markers (baseline, progressive, lossless, arithmetic); C4, C8 and CC are not.
+_JPEG_FRAME_MARKERS = frozenset({0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF})
+
+
+def _jpeg_size(value: bytes) -> tuple[int, int]:
+    """The (width, height) of a JPEG's last frame header before its first scan, as Pillow reads
+    it (Pillow too skips bytes between segments that are not a marker)."""
+    size: tuple[int, int] | None = None
+    pos, n = 2, len(value)
+    while pos + 1 < n:
+        if value[pos] != 0xFF:
+            pos += 1
+            continue
+        marker = value[pos + 1]
+        if marker == 0xFF or marker == 0x00:  # fill byte, or an escaped 0xFF
+            pos += 1 if marker == 0xFF else 2
+            continue
+        pos += 2
+        if marker == 0xDA:  # start of scan: the header is over
+            break
+        if marker == 0xD9:
+            raise RecordRejected("value is not a decodable image: JPEG ends before its first scan")
+        if marker == 0x01 or 0xD0 <= marker <= 0xD8:  # markers without a segment
+            continue
+        if pos + 2 > n:
+            break
+        length = struct.unpack_from(">H", value, pos)[0]
+        if marker in _JPEG_FRAME_MARKERS:
+            if pos + 7 > n:
+                break
+            height, width = struct.unpack_from(">HH", value, pos + 3)
+            size = (width, height)
+        pos += max(length, 2)
+    if size is None:
+        raise RecordRejected("value is not a decodable image: JPEG has no frame header (SOF) before its first scan")
+    return size
 
 
 def _label(rec: KafkaRecord, source: str, spec: CodecSpec) -> int:
