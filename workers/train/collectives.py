@@ -9,7 +9,7 @@ BatchNorm under DDP: by default DDP broadcasts rank 0's buffers to every rank be
 forward. When rank 0's partitions are empty (fewer partitions than workers, or a quiet one), its
 batches have no rows, so its running statistics never move, and the broadcast overwrites every
 other rank's with them: the checkpoint's (rank 0's) statistics stay those of initialisation. So
-the loop wraps the model with :data:`DDP_OPTIONS` (no buffer broadcast: each rank's statistics
+the loop wraps the model with :data:`DDP_OPTIONS` (no buffer sync before each forward: each rank's statistics
 follow its own rows) and :meth:`Collectives.average_norm_buffers` merges them, weighted by the
 rows each rank saw, before they are used (evaluation) or saved (checkpoint). Running statistics
 do not enter the training loss (BatchNorm normalises with batch statistics in training mode), so
@@ -19,6 +19,7 @@ layer to a collective, and does not run on the CPU.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -29,8 +30,20 @@ from torch import nn
 
 T = TypeVar("T")
 
+
+def _ddp_options() -> dict[str, Any]:
+    """No buffer sync before each forward: ``forward_sync_buffers=False`` where torch has it (2.13+,
+    which deprecates ``broadcast_buffers``; buffers are still synced once at construction, and
+    every rank starts from the same initial or restored ones anyway), else ``broadcast_buffers=False``."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    if "forward_sync_buffers" in inspect.signature(DistributedDataParallel.__init__).parameters:
+        return {"forward_sync_buffers": False}
+    return {"broadcast_buffers": False}
+
+
 # Passed to DDP (ray.train.torch.prepare_model's parallel_strategy_kwargs); see the module docstring.
-DDP_OPTIONS: dict[str, Any] = {"broadcast_buffers": False}
+DDP_OPTIONS: dict[str, Any] = _ddp_options()
 _NORM_LAYERS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
 
 
