@@ -184,7 +184,8 @@ def test_the_same_loop_with_its_collectives_on_the_cpu_is_refused(lazy: torch.de
 
 class GrowingTopic:
     def __init__(self, seen: int | None) -> None:
-        self.seen, self.added_up_to = seen, None
+        self.seen = seen
+        self.added_up_to: int | None = None
 
     def topic_partition_count(self) -> int | None:
         return self.seen
