@@ -60,7 +60,8 @@ class DeadLetterSink:
     def __init__(self, producer: Producer) -> None:
         self._producer = producer
         self.counts: Counter[str] = Counter()
-        self._failed: list[str] = []  # refusals (delivery errors, letters that could not be queued) since the last flush
+        # Refusals since the last flush: delivery errors, and letters that could not be queued.
+        self._failed: list[str] = []
         self._in_flight = 0  # queued, delivery not reported yet
 
     def send(self, rejections: Iterable[Rejection]) -> int:

@@ -1,11 +1,11 @@
 """The loop each Ray Train worker runs: Kafka partitions -> codec -> CICW step -> checkpoint.
 
 :func:`train_loop_per_worker` reads as its steps: :func:`restore` the latest checkpoint (checked
-against the spec), start a :class:`JobWorker` (model, optimizer, source, dead letters), and
-:meth:`JobWorker.run` it: every step, every rank :meth:`~JobWorker.decide`\\ s alike what to do
-(one all-reduce), trains (:meth:`workers.train.step.Learner.step`), reports, and when a
-checkpoint is :meth:`~JobWorker.checkpoint_due` writes it (:meth:`~JobWorker.checkpoint`);
-then :meth:`~JobWorker.teardown`.
+against the spec), start a :class:`JobWorker` (learner, source, dead letters), and run it. Each
+step, every rank decides alike what to do (:meth:`JobWorker.decide`, one all-reduce), trains
+(:meth:`JobWorker.train`, through workers.train.step.Learner), reports, and when a checkpoint is
+due (:meth:`JobWorker.checkpoint_due`) writes it (:meth:`JobWorker.checkpoint`); the last
+checkpoint ends the run (:meth:`JobWorker.finish`), then :meth:`JobWorker.teardown`.
 
 Order of durable steps at a checkpoint (kept in this order):
   1. every rank flushes its dead letters (records the checkpoint counts as consumed are safe;
