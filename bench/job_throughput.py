@@ -47,7 +47,7 @@ from workers.kafka.dead_letters import dlq_topic
 from workers.spec import JobSpec
 from workers.train.models import build_model
 from workers.kafka.topics import ensure_topic
-from workers.train.loop import build_optimizer
+from workers.train.step import Learner, build_optimizer
 from workers.runner import run_job
 
 TARGET = 0.9
@@ -81,15 +81,11 @@ def run_memory(spec: JobSpec, x: torch.Tensor, y: torch.Tensor) -> float:
     model = build_model(spec.model.name, in_shape=spec.codec.input_shape, num_classes=spec.codec.num_classes)
     optimizer, scheduler = build_optimizer(spec.optimizer, model.parameters())
     loss_fn = CICWLoss(spec.cicw, num_classes=spec.codec.num_classes, generator=torch.Generator().manual_seed(0))
+    learner = Learner(model, optimizer, scheduler, loss_fn, torch.device("cpu"))  # the job's own step
     size = spec.source.batch_size
     start = time.perf_counter()
     for i in range(0, len(x), size):
-        out = loss_fn(model, x[i:i + size], y[i:i + size])
-        out.loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        scheduler.step()
-        loss_fn.step()
+        learner.step(x[i:i + size], y[i:i + size])
     return len(x) / (time.perf_counter() - start)
 
 

@@ -71,7 +71,9 @@ from machine_info import cpu_name  # bench/ is on sys.path when a bench script r
 from workers.kafka.broker import EmbeddedBroker
 from workers.kafka.codecs import decode_batch
 from workers.data.datasets import FASHION_MNIST_DIR, load_fashion_mnist
+from workers.spec import OptimizerSpec
 from workers.train.models import build_model
+from workers.train.step import Learner, build_optimizer
 from workers.kafka.prefetch import DecodedBatches, ReadyBatch
 from workers.kafka.records import CodecSpec, KafkaRecord, RawFormat, RecordChunk
 from workers.kafka.source import KafkaSource, SourceSpec
@@ -166,33 +168,21 @@ def fill_topic(bootstrap: str, workload: Workload, tag: str) -> str:
 # the training step, shared by both feeds
 
 
-@dataclass
-class Trainer:
-    model: torch.nn.Module
-    optimizer: torch.optim.Optimizer
-    loss_fn: CICWLoss
-    device: torch.device
-
-    def step(self, x: torch.Tensor, y: torch.Tensor) -> None:
-        x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
-        out = self.loss_fn(self.model, x, y)
-        out.loss.backward()
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.loss_fn.step()
-
-    def sync(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-
-
-def make_trainer(model_name: str, codec: CodecSpec, device: torch.device) -> Trainer:
+def make_trainer(model_name: str, codec: CodecSpec, device: torch.device) -> Learner:
+    """The job's own step (workers.train.step.Learner): the job spec's default optimizer (SGD,
+    lr 0.05, Nesterov momentum 0.9, weight decay 5e-4, constant LR), CICW defaults without burn-in."""
     torch.manual_seed(0)
     model = build_model(model_name, in_shape=codec.input_shape, num_classes=codec.num_classes).to(device)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, nesterov=True, weight_decay=5e-4)
+    optimizer, scheduler = build_optimizer(OptimizerSpec(), model.parameters())
     loss_fn = CICWLoss(CICWConfig(burn_in_steps=0), num_classes=codec.num_classes,
                        generator=torch.Generator(device=device).manual_seed(1234))
-    return Trainer(model, optimizer, loss_fn, device)
+    return Learner(model, optimizer, scheduler, loss_fn, device)
+
+
+def sync(device: torch.device) -> None:
+    """Wait for the device's queued work (timings end when the step did)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -304,14 +294,14 @@ class RunResult:
         return max(self.seconds * (1.0 - self.cpu.main) - self.wait_s, 0.0)
 
 
-def run_memory(trainer: Trainer, x: torch.Tensor, y: torch.Tensor, batch_size: int, meter: Meter) -> RunResult:
-    trainer.sync()
+def run_memory(trainer: Learner, x: torch.Tensor, y: torch.Tensor, batch_size: int, meter: Meter) -> RunResult:
+    sync(trainer.device)
     before = meter.snapshot()
     steps = 0
     for i in range(0, len(x), batch_size):
         trainer.step(x[i:i + batch_size], y[i:i + batch_size])
         steps += 1
-    trainer.sync()
+    sync(trainer.device)
     after = meter.snapshot()
     seconds = after.wall - before.wall
     return RunResult(len(x), seconds, steps, CpuUse.between(before, after), train_s=seconds)
@@ -332,7 +322,7 @@ class InlineBatches:
         pass
 
 
-def run_kafka(trainer: Trainer, spec: SourceSpec, codec: CodecSpec, n: int, meter: Meter,
+def run_kafka(trainer: Learner, spec: SourceSpec, codec: CodecSpec, n: int, meter: Meter,
               decode_ahead: bool = True) -> RunResult:
     """The train loop's feed: DecodedBatches fetches and decodes the next batch in a thread while
     the current step runs (wait_s is what the step waited for it); or, without decode_ahead,
@@ -360,7 +350,7 @@ def run_kafka(trainer: Trainer, spec: SourceSpec, codec: CodecSpec, n: int, mete
             train += time.perf_counter() - t1
             got += len(ready.records)
             steps += 1
-        trainer.sync()
+        sync(trainer.device)
         after = meter.snapshot()  # before close(): the end-of-topic check is not part of training
     finally:
         batches.close()
@@ -584,7 +574,7 @@ def latency_run(args: argparse.Namespace, bootstrap: str, workload: Workload, ra
             records = ready.records if ready is not None else []
             if ready is not None and records:
                 trainer.step(ready.decoded.inputs, ready.decoded.targets)
-                trainer.sync()  # "finished" means finished on the device too
+                sync(trainer.device)  # "finished" means finished on the device too
                 done_ns.append(time.time_ns())
                 produced_ns.append(produce_times_ns(records))
                 consumed += len(records)

@@ -101,7 +101,8 @@ def run_job(spec: JobSpec, *, ray_address: str | None = None, num_cpus: int | No
     last: dict[str, Any] = {}  # the latest report, kept for a failure's summary
 
     def relay() -> None:
-        for metrics in ray.get(channel.drain.remote()):
+        for report in ray.get(channel.drain.remote()):
+            metrics = report.model_dump(exclude_none=True)  # a workers.report.JobReport from the workers
             last.clear()
             last.update(metrics)
             if on_report is not None:

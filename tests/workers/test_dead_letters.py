@@ -101,3 +101,30 @@ def test_refused_or_undelivered_dead_letters_fail_the_flush() -> None:
     pending.send([_rejection("t", 1, b"a")])
     with pytest.raises(DeadLettersPending, match="1 dead letter.*not delivered within 0.5 s"):
         pending.flush(0.5)
+
+
+class _UnknownTopicProducer(_FlakyProducer):
+    """Refuses at produce(), as librdkafka does for a topic it knows to be invalid."""
+
+    def produce(self, topic: str, value: bytes | None = None, key: bytes | None = None,
+                headers: list[tuple[str, bytes]] | None = None, on_delivery: Any = None) -> None:
+        from confluent_kafka import KafkaError, KafkaException
+
+        raise KafkaException(KafkaError(KafkaError._UNKNOWN_TOPIC, "Local: Unknown topic"))
+
+
+def test_a_refusal_is_reported_at_the_next_step_not_raised_mid_step() -> None:
+    # send() runs on one rank in the middle of a step: raising there would strand the other ranks
+    # in the step's collective. The refusal waits for refused() (every step) or flush().
+    delivering = _FlakyProducer(refuse=True)
+    sink = DeadLetterSink(delivering)
+    assert sink.refused() is None and delivering.polls == 0  # nothing out: no poll at all
+    sink.send([_rejection("t", 1, b"a")])
+    delivering.flush()  # the delivery report arrives (librdkafka serves it in a poll)
+    assert sink.refused() == "Broker: Topic authorization failed"
+
+    queueing = DeadLetterSink(_UnknownTopicProducer())
+    assert queueing.send([_rejection("t", 2, b"b")]) == 1
+    assert "cannot queue a dead letter for t.dlq" in (queueing.refused() or "")
+    with pytest.raises(DeadLetterError, match="refused by the broker: cannot queue a dead letter for t.dlq"):
+        queueing.flush()

@@ -142,7 +142,7 @@ def test_stop_checkpoints_and_a_rerun_resumes_exactly_once(kafka_broker: Embedde
     _join_checked(feeding)
     assert first.state == "stopped" and first.error is None, first.error
     assert first.metrics["stopped"] == "test says stop"
-    consumed = sum(load_state(first.checkpoint_path)["offsets"].values())
+    consumed = sum(load_state(first.checkpoint_path).offsets.values())
     assert 10 * 16 <= consumed < 1200 and consumed == first.metrics["examples"]
 
     # The same job again, now bounded: it resumes from the stop's checkpoint and drains the rest.
@@ -203,7 +203,7 @@ def test_broker_outage_mid_job_is_reported_and_training_continues(local_ray: Non
     assert result.state == "stopped", result.error
     stalls = [m for m in run.reports.items if m.get("stalled_s", 0) > 0]
     assert stalls and "watermarks" in stalls[0]["stall_reason"]
-    assert sum(load_state(result.checkpoint_path)["offsets"].values()) == 800
+    assert sum(load_state(result.checkpoint_path).offsets.values()) == 800
 
 
 def test_stop_during_a_broker_outage_checkpoints_and_stops(local_ray: None, tmp_path: Path) -> None:
@@ -217,7 +217,7 @@ def test_stop_during_a_broker_outage_checkpoints_and_stops(local_ray: None, tmp_
     # The checkpoint does not need the broker; only the consumer-group commit (for lag tools)
     # does, and it is given up after a few seconds with a warning: the checkpoint is the truth.
     assert result.state == "stopped", result.error
-    assert load_state(result.checkpoint_path)["offsets"] == {0: 150, 1: 150}
+    assert load_state(result.checkpoint_path).offsets == {0: 150, 1: 150}
     assert seconds < 120
 
 
@@ -263,7 +263,7 @@ def test_dead_letters_pending_in_an_outage_postpone_the_checkpoint(local_ray: No
     assert postponed and "not delivered" in postponed[0]["checkpoint_postponed"]
     assert min(m["step"] for m in postponed) >= 4
     assert result.metrics["examples"] == 1200 and result.metrics["rejected"] == 3
-    assert load_state(result.checkpoint_path)["offsets"] == {0: 603, 1: 600}
+    assert load_state(result.checkpoint_path).offsets == {0: 603, 1: 600}
     lineage = _lineage(tmp_path / "records")
     assert len(lineage) == len(set(lineage)) == 1200
 
@@ -354,7 +354,7 @@ def test_sigint_to_the_train_command_checkpoints_and_exits_cleanly(kafka_broker:
     assert proc.returncode == 0
     summary = json.loads(out.strip().splitlines()[-1])
     assert summary["state"] == "stopped" and summary["stopped"] == "SIGINT received"
-    offsets = load_state(summary["checkpoint"])["offsets"]
+    offsets = load_state(summary["checkpoint"]).offsets
     assert 0 < sum(offsets.values()) == summary["examples"] <= 200  # what it trained, no more, no less
 
 
@@ -372,12 +372,12 @@ def test_a_stopped_and_resumed_job_trains_the_same_model_as_one_that_ran_through
 
     whole = run_job(through)
     first = run_job(interrupted)
-    assert first.state == "finished" and load_state(first.checkpoint_path)["counters"]["step"] == 6
+    assert first.state == "finished" and load_state(first.checkpoint_path).counters.step == 6
     rest = run_job(interrupted.model_copy(update={"max_steps": None}))
     assert whole.state == rest.state == "finished", (whole.error, rest.error)
 
     a, b = load_state(whole.checkpoint_path), load_state(rest.checkpoint_path)
-    assert a["counters"]["step"] == b["counters"]["step"] == 15 and a["offsets"] == b["offsets"] == {0: 480}
-    assert len(b["rng"]) == 1 and torch.equal(a["rng"][0]["mixup"], b["rng"][0]["mixup"])
-    assert a["model"].keys() == b["model"].keys()
-    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"]), "resumed model differs"
+    assert a.counters.step == b.counters.step == 15 and a.offsets == b.offsets == {0: 480}
+    assert len(b.rng) == 1 and torch.equal(a.rng[0]["mixup"], b.rng[0]["mixup"])
+    assert a.model.keys() == b.model.keys()
+    assert all(torch.equal(a.model[k], b.model[k]) for k in a.model), "resumed model differs"

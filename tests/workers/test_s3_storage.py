@@ -78,7 +78,7 @@ def test_checkpoints_go_to_s3_and_a_rerun_resumes_from_them(kafka_broker: Embedd
     first = run_job(spec)
     assert first.state == "finished", first.error
     assert first.checkpoint_path is not None and first.checkpoint_path.startswith(f"s3://{BUCKET}/{prefix}/")
-    assert load_state(first.checkpoint_path)["offsets"] == {0: 200, 1: 200}
+    assert load_state(first.checkpoint_path).offsets == {0: 200, 1: 200}
     assert not (tmp_path / "ckpt").exists() and not Path(prefix).exists()  # nothing written locally
 
     # More records arrive; the same job again resumes from the bucket's checkpoint.
@@ -86,7 +86,7 @@ def test_checkpoints_go_to_s3_and_a_rerun_resumes_from_them(kafka_broker: Embedd
     second = run_job(spec)
     assert second.state == "finished", second.error
     assert second.metrics["examples"] == 600
-    assert load_state(second.checkpoint_path)["offsets"] == {0: 300, 1: 300}
+    assert load_state(second.checkpoint_path).offsets == {0: 300, 1: 300}
     lineage = _lineage(tmp_path / "records")
     assert len(lineage) == len(set(lineage)) == 600  # every record once over both runs
     kept = _checkpoints_in_bucket(prefix)

@@ -63,8 +63,8 @@ def test_bounded_job_consumes_every_record_once_and_checkpoints_offsets(
     assert result.metrics["examples"] == 600 and result.metrics["rejected"] == 3
     state = load_state(result.checkpoint_path)
     per_partition = {p: 200 + 1 for p in range(3)}  # 600 records round-robin + 1 garbage each
-    assert state["offsets"] == per_partition
-    assert state["counters"]["step"] == result.metrics["step"] > 0
+    assert state.offsets == per_partition
+    assert state.counters.step == result.metrics["step"] > 0
 
     consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": spec.consumer_group})
     committed = consumer.committed([TopicPartition(topic, p) for p in range(3)], timeout=10)
@@ -153,4 +153,4 @@ def test_worker_killed_mid_run_resumes_exactly_once(kafka_broker: EmbeddedBroker
     assert len(resumes) >= 2  # the job really restarted from a checkpoint
     lineage = _lineage(log_dir)
     assert len(lineage) == len(set(lineage)) == 4000  # every record exactly once in the final lineage
-    assert load_state(result.checkpoint_path)["offsets"] == {0: 2000, 1: 2000}
+    assert load_state(result.checkpoint_path).offsets == {0: 2000, 1: 2000}

@@ -1,4 +1,15 @@
-"""Dead-letter routing: every rejected record goes to ``<topic>.dlq`` with why and where from."""
+"""Dead-letter routing: every rejected record goes to ``<topic>.dlq`` with why and where from.
+
+Delivery is AT LEAST ONCE. A checkpoint counts a rejected record as consumed only once its dead
+letter is delivered, but dead letters sent after the last checkpoint are sent again when the job
+resumes from it (after a crash or a failure), as their records are read again. A reader of the
+dead-letter topic dedupes on the source identity every letter carries: the
+``cicw.dlq.source.topic``, ``cicw.dlq.source.partition`` and ``cicw.dlq.source.offset`` headers.
+
+A dead letter the broker refuses for good (ACL, missing topic) fails the job: the train loop
+asks :meth:`DeadLetterSink.refused` at every step and flushes at every checkpoint, and all
+ranks decide together (workers.train.decisions), so every rank stops with the reason.
+"""
 
 from __future__ import annotations
 
@@ -6,8 +17,8 @@ from collections import Counter
 from collections.abc import Callable, Iterable
 from typing import Any, Protocol
 
-from .codecs import Rejection
 from ..errors import DeadLetterError, DeadLettersPending
+from .codecs import Rejection
 
 DLQ_SUFFIX = ".dlq"
 # Header names on dead-lettered records; the original headers follow them unchanged.
@@ -23,8 +34,8 @@ VALUE_DROPPED_HEADER = "cicw.dlq.value_dropped"
 class Producer(Protocol):
     """The part of a Kafka producer the sink uses (confluent_kafka.Producer fits)."""
 
-    def produce(self, topic: str, value: bytes | None = ..., key: bytes | None = ...,
-                headers: list[tuple[str, bytes]] | None = ...,
+    def produce(self, topic: str, *, value: bytes | None = ..., key: bytes | None = ...,
+                headers: Any = ...,  # list[tuple[str, bytes]]; Any so confluent_kafka's wider type fits
                 on_delivery: Callable[[Any, Any], None] | None = ...) -> None: ...
 
     def poll(self, timeout: float = ...) -> int: ...
@@ -41,14 +52,17 @@ class DeadLetterSink:
 
     :meth:`send` queues; :meth:`flush` waits for delivery and raises DeadLetterError if any
     remain or failed, so a checkpoint that covers rejected offsets is written only after they
-    are safe. A value too large for the producer goes without its value (VALUE_DROPPED_HEADER
-    says so) rather than stopping the job: a bad record never crashes it.
+    are safe; :meth:`refused` says, without waiting, whether the broker refused one. A value
+    too large for the producer goes without its value (VALUE_DROPPED_HEADER says so) rather
+    than stopping the job: a bad record never crashes it.
     """
 
     def __init__(self, producer: Producer) -> None:
         self._producer = producer
         self.counts: Counter[str] = Counter()
-        self._failed: list[str] = []  # delivery errors since the last flush
+        # Refusals since the last flush: delivery errors, and letters that could not be queued.
+        self._failed: list[str] = []
+        self._in_flight = 0  # queued, delivery not reported yet
 
     def send(self, rejections: Iterable[Rejection]) -> int:
         sent = 0
@@ -68,18 +82,30 @@ class DeadLetterSink:
         while True:
             try:
                 self._producer.produce(topic, value=value, key=key, headers=headers, on_delivery=self._delivered)
+                self._in_flight += 1
                 return
             except BufferError:  # the producer's local queue is full: let deliveries drain it
                 self._producer.poll(0.1)
             except KafkaException as exc:
                 if exc.args[0].code() != KafkaError.MSG_SIZE_TOO_LARGE or value is None:
-                    raise DeadLetterError(f"cannot queue a dead letter for {topic}: {exc}") from exc
+                    # Not raised here, on one rank in the middle of a step: the job fails through
+                    # the ranks' shared decision (refused() at the step, flush() at a checkpoint).
+                    self._failed.append(f"cannot queue a dead letter for {topic}: {exc}")
+                    return
                 headers = [*headers, (VALUE_DROPPED_HEADER, f"{len(value)} bytes: {exc.args[0].str()}".encode())]
                 value = None
 
     def _delivered(self, error: Any, _message: Any) -> None:
+        self._in_flight -= 1
         if error is not None:
             self._failed.append(str(error))
+
+    def refused(self) -> str | None:
+        """The first dead letter refused since the last flush (None if none), after taking the
+        delivery reports that arrived; never waits (one non-blocking poll while letters are out)."""
+        if self._in_flight:
+            self._producer.poll(0)
+        return self._failed[0] if self._failed else None
 
     def flush(self, timeout_s: float = 10.0) -> None:
         """Wait up to ``timeout_s`` for every dead letter sent so far to be delivered.

@@ -63,20 +63,31 @@ class MetricWindow:
         """This rank's sums, in :data:`SUMMED` order, for an all-reduce."""
         return [getattr(self, name) for name in SUMMED]
 
-    def summary(self, global_sums: list[float], noise_totals: dict[str, int]) -> dict[str, float]:
-        """Metrics from the sums over all ranks; ``noise_totals`` (noise_down, noise_corrupted,
-        noise_hit over the job's life) is updated in place, as noise detection is reported
-        cumulatively."""
+    def summary(self, global_sums: list[float], noise: NoiseTotals) -> dict[str, float]:
+        """Metrics from the sums over all ranks (in :data:`SUMMED` order); noise detection is
+        reported cumulatively, from ``noise`` (the job's totals, this window's included)."""
         g = dict(zip(SUMMED, global_sums, strict=True))
-        noise_totals["noise_down"] += int(g["down"])
-        noise_totals["noise_corrupted"] += int(g["corrupted"])
-        noise_totals["noise_hit"] += int(g["hit"])
         elapsed = self.clock() - self.started
         nan = float("nan")
         return {"records_per_s": self.examples / elapsed if elapsed > 0 else nan,
                 "loss": g["loss"] / self.steps if self.steps else nan,
                 "prequential_accuracy": g["correct"] / g["seen"] if g["seen"] else nan,
-                "noise_precision": (noise_totals["noise_hit"] / noise_totals["noise_down"]
-                                    if noise_totals["noise_down"] else nan),
-                "noise_recall": (noise_totals["noise_hit"] / noise_totals["noise_corrupted"]
-                                 if noise_totals["noise_corrupted"] else nan)}
+                "noise_precision": noise.hit / noise.down if noise.down else nan,
+                "noise_recall": noise.hit / noise.corrupted if noise.corrupted else nan}
+
+
+@dataclass
+class NoiseTotals:
+    """Over the job's life (checkpointed): examples down-weighted, with a corrupted label (their
+    clean-label header differs), and both."""
+
+    down: int = 0
+    corrupted: int = 0
+    hit: int = 0
+
+    def add(self, global_sums: list[float]) -> None:
+        """Count a window's sums over all ranks (in :data:`SUMMED` order)."""
+        g = dict(zip(SUMMED, global_sums, strict=True))
+        self.down += int(g["down"])
+        self.corrupted += int(g["corrupted"])
+        self.hit += int(g["hit"])
