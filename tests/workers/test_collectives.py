@@ -27,7 +27,7 @@ from workers.spec import JobSpec
 from workers.train.collectives import Collectives
 from workers.train.control import StopWatch
 from workers.train.loop import EvalSet, JobWorker, Reporter
-from workers.train.partitions import refresh_partitions
+from workers.train.partitions import PartitionWatch, refresh_partitions
 from workers.train.randomness import WorkerRandomness
 from workers.train.step import Learner, build_optimizer
 
@@ -102,6 +102,13 @@ class FakeBatches:
 
 class FakeSource:
     trouble = "watermarks: timed out"
+    partition_count = 2
+
+    def topic_partition_count(self) -> int | None:
+        return 2
+
+    def add_partitions(self, count: int) -> list[int]:
+        return []
 
     def stalled_for(self) -> float:
         return 2.0  # stalled, not past the deadline: idle reports carry the stall
@@ -203,3 +210,18 @@ def test_partitions_added_to_the_topic_are_agreed_on_the_training_device(lazy: t
     assert refresh_partitions(same, collectives, known=4) == 4 and same.added_up_to is None
     assert refresh_partitions(unknown, collectives, known=4) == 4 and unknown.added_up_to is None
     assert set(group.devices) == {lazy}
+
+
+def test_the_broker_is_asked_for_new_partitions_only_once_the_refresh_interval_passed() -> None:
+    now = [0.0]
+    topic = GrowingTopic(6)
+    watch = PartitionWatch(topic, every_s=60.0, known=4, clock=lambda: now[0])
+    single = Collectives(torch.device("cpu"), distributed=False, world_size=1)
+    now[0] = 59.0
+    assert watch.at_checkpoint(single) == 4 and topic.added_up_to is None  # not due: no metadata asked
+    now[0] = 60.0
+    assert watch.at_checkpoint(single) == 6 and topic.added_up_to == 6
+    topic.seen, now[0] = 8, 100.0
+    assert watch.at_checkpoint(single) == 6  # the next look is due 60 s after the last one
+    now[0] = 120.0
+    assert watch.at_checkpoint(single) == 8

@@ -135,7 +135,7 @@ def test_bad_records_on_the_evaluation_topic_are_left_out_and_returned(kafka_bro
     assert rejected[extra["row"]] == NOT_A_CLASS_INDEX
     # Rank r owns partition r: its set is that partition's good records (and the one-hot one), in order.
     labels = [i % CLASSES for i in range(20)]
-    assert sets[0].y.tolist() == labels and sets[1].y.tolist() == labels + [1]
+    assert sets[0].y.tolist() == labels and sets[1].y.tolist() == [*labels, 1]
     assert [len(s.x) for s in sets] == [20, 21] and bool(torch.isfinite(torch.cat([s.x for s in sets])).all())
     assert len(good) == 40 and extra["one-hot"] not in rejected
 
@@ -179,8 +179,5 @@ def test_a_job_trains_every_good_record_once_and_dead_letters_the_hostile_ones(h
     assert result.metrics["eval_examples"] == len(hostile_job["eval_good"]) == 60
 
 
-@pytest.mark.xfail(strict=True, reason="the train loop still calls load_eval_set, which only logs evaluation "
-                                       "rejections; once it sends read_eval_set's rejections to the dead-letter "
-                                       "sink, this passes: remove this marker then")
 def test_hostile_evaluation_records_reach_the_evaluation_dead_letter_topic(hostile_job: dict[str, Any]) -> None:
     _assert_reasons(_dead_letters(hostile_job["bootstrap"], hostile_job["eval_topic"]), hostile_job["eval_hostile"])

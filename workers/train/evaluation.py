@@ -28,7 +28,7 @@ from ..spec import EvaluationSpec
 log = logging.getLogger(__name__)
 
 NOT_A_CLASS_INDEX = "evaluation records need a class-index label (or a clean-label header), not a probability row"
-# Rejections load_eval_set names one by one in the log; the rest are counted.
+# Rejections log_rejections names one by one in the log; the rest are counted.
 _LOGGED_REJECTIONS = 20
 
 
@@ -81,15 +81,6 @@ def read_eval_set(spec: EvaluationSpec, codec: CodecSpec, source: SourceSpec, *,
     if not xs:
         return EvalSet(torch.zeros((0, *codec.input_shape)), torch.zeros(0, dtype=torch.long), rejected)
     return EvalSet(torch.cat(xs)[:limit], torch.cat(ys)[:limit], rejected)
-
-
-def load_eval_set(spec: EvaluationSpec, codec: CodecSpec, source: SourceSpec, *, rank: int = 0,
-                  world_size: int = 1, read_limit_s: float = 120.0) -> tuple[Tensor, Tensor]:
-    """(x, y) of :func:`read_eval_set`; its rejections are only logged, with their topic,
-    partition, offset and reason. A caller that can send dead letters uses read_eval_set."""
-    eval_set = read_eval_set(spec, codec, source, rank=rank, world_size=world_size, read_limit_s=read_limit_s)
-    log_rejections(eval_set.rejected)
-    return eval_set.x, eval_set.y
 
 
 def log_rejections(rejected: Sequence[Rejection]) -> None:

@@ -50,10 +50,10 @@ from .checkpoints import load_state, save_state
 from .collectives import DDP_OPTIONS, Collectives
 from .control import StopWatch
 from .decisions import DeadLetterStatus, StepDecision, StepSignals, refused_anywhere
-from .evaluation import load_eval_set, score
+from .evaluation import log_rejections, read_eval_set, score
 from .metrics import MetricWindow
 from .models import build_model
-from .partitions import GrowingSource, refresh_partitions
+from .partitions import PartitionWatch
 from .randomness import WorkerRandomness, seed_model_init
 from .state import Counters, TrainState
 from .step import Learner, StepResult, build_optimizer
@@ -155,6 +155,18 @@ class EvalSet:
     y: Tensor
 
 
+def load_evaluation(spec: JobSpec, evaluation: EvaluationSpec, *, rank: int, world_size: int,
+                    dead_letters: DeadLetterSink, resumed: bool) -> EvalSet:
+    """This rank's share of the clean evaluation set. Its bad records are left out, logged, and
+    sent to ``<eval_topic>.dlq`` by a new job only: a resumed job's earlier run sent them, and its
+    first checkpoint's flush saw them delivered (each rank reads its own partitions: no repeats)."""
+    read = read_eval_set(evaluation, spec.codec, spec.source, rank=rank, world_size=world_size)
+    log_rejections(read.rejected)
+    if not resumed:
+        dead_letters.send(read.rejected)
+    return EvalSet(evaluation, read.x, read.y)
+
+
 @dataclass(frozen=True)
 class Reporter:
     """Where reports go: every report to the JobChannel (rank 0 only, fire and forget: never
@@ -192,7 +204,7 @@ class JobWorker:
         self.reporter, self.stop_watch, self.eval_set, self.record_log = reporter, stop_watch, eval_set, record_log
         self.counters = copy.deepcopy(state.counters) if state is not None else Counters()
         self.resumed_offsets = state.offsets if state is not None else {}
-        self.partition_count = state.meta.partition_count if state is not None else 0
+        self.partition_count = max(state.meta.partition_count if state is not None else 0, source.partition_count)
         self.resumed_from = self.counters.step
         self.nothing = decode_batch([], spec.codec)
         self.window = MetricWindow()
@@ -200,10 +212,10 @@ class JobWorker:
         self.checkpoint_owed = False  # a due checkpoint was postponed: try again at the next step
         self.stop_reason: str | None = None
         self.rows_since_norm_sync = 0  # rows this rank trained since BatchNorm statistics were merged
-        # Partitions added to the topic are taken up at checkpoints through this (see partitions.py).
-        # Integrator: set it to `source` once KafkaSource has topic_partition_count() and
-        # add_partitions() (and to None when spec.source.partition_refresh_s is None).
-        self.growing_source: GrowingSource | None = None
+        # Partitions added to the topic are taken up at checkpoint boundaries (see partitions.py).
+        refresh_s = spec.source.partition_refresh_s
+        self.partition_watch = (PartitionWatch(source, refresh_s, self.partition_count)
+                                if refresh_s is not None else None)
 
     @classmethod
     def start(cls, spec: JobSpec, *, rank: int, collectives: Collectives, state: TrainState | None,
@@ -215,14 +227,14 @@ class JobWorker:
         world = collectives.world_size
         learner, randomness = build_learner(spec, state, rank=rank, collectives=collectives,
                                             model_packages=model_packages)
-        eval_set = (EvalSet(spec.evaluation, *load_eval_set(spec.evaluation, spec.codec, spec.source, rank=rank,
-                                                             world_size=world))
+        dead_letters = DeadLetterSink(Producer({"bootstrap.servers": spec.source.bootstrap_servers,
+                                                **spec.source.client_config}))
+        eval_set = (load_evaluation(spec, spec.evaluation, rank=rank, world_size=world, dead_letters=dead_letters,
+                                    resumed=state is not None)
                     if spec.evaluation is not None else None)
         source = KafkaSource(spec.source, rank=rank, world_size=world, group_id=spec.consumer_group,
                              resume_offsets=state.offsets if state is not None else None).start()
         batches = DecodedBatches(source, spec.codec)  # decodes the next batch while a step runs
-        dead_letters = DeadLetterSink(Producer({"bootstrap.servers": spec.source.bootstrap_servers,
-                                                **spec.source.client_config}))
         client_config: dict[str, object] = dict(spec.source.client_config)
         committer = (confluent_committer(spec.source.topic, spec.source.bootstrap_servers, spec.consumer_group,
                                          client_config) if rank == 0 else None)
@@ -389,8 +401,8 @@ class JobWorker:
                                          "the last one and routes these records again")
             self.reporter.publish(JobReport(**fields, checkpoint_postponed=dead_letters.pending))
             return False
-        if self.growing_source is not None:
-            self.partition_count = refresh_partitions(self.growing_source, self.collectives, self.partition_count)
+        if self.partition_watch is not None:
+            self.partition_count = max(self.partition_count, self.partition_watch.at_checkpoint(self.collectives))
         self.sync_norm_buffers()
         offsets, rng = self.gather_positions()
         self.partition_count = max(self.partition_count, max(offsets, default=-1) + 1)

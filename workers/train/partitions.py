@@ -4,6 +4,9 @@ rank at once (partition p goes to rank p mod W, so all ranks must agree on the c
 from __future__ import annotations
 
 import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Protocol
 
 from .collectives import Collectives
@@ -33,3 +36,27 @@ def refresh_partitions(source: GrowingSource, collectives: Collectives, known: i
     added = source.add_partitions(agreed)
     log.info("topic grew from %d to %d partitions; this rank now also reads %s", known, agreed, added)
     return agreed
+
+
+@dataclass
+class PartitionWatch:
+    """When to look for new partitions: at a checkpoint boundary once ``every_s`` passed. Asking
+    the broker takes a metadata round trip, so it is not done at every checkpoint; ranks' clocks
+    differ, so they first agree that it is due (one all-reduce), then on the count."""
+
+    source: GrowingSource
+    every_s: float
+    known: int
+    clock: Callable[[], float] = time.monotonic
+    last: float = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.last = self.clock()
+
+    def at_checkpoint(self, collectives: Collectives) -> int:
+        """The partition count the job reads after this checkpoint boundary. Every rank calls it."""
+        if not collectives.max(float(self.clock() - self.last >= self.every_s)):
+            return self.known
+        self.last = self.clock()
+        self.known = refresh_partitions(self.source, collectives, self.known)
+        return self.known
