@@ -41,6 +41,7 @@ from ..kafka.records import ImageFormat
 from ..kafka.source import KafkaSource
 from .metrics import MetricWindow
 from ..errors import SourceStalledError
+from ..report import CICWStepStats, JobReport
 
 # While no rank has records, a stalled job still reports this often (the CLI shows the stall).
 IDLE_REPORT_EVERY_S = 5.0
@@ -59,6 +60,16 @@ COMMIT_CLOSE_TIMEOUT_S = 5.0
 # JobChannel at every report, and Ray Train with every checkpoint (every N steps / T seconds,
 # and the last), the only reports it must see.
 log = logging.getLogger(__name__)
+
+
+def as_report(metrics: dict[str, Any]) -> JobReport:
+    """The typed report of a metrics dict; ``cicw_*`` keys become its CICWStepStats."""
+    cicw = {k.removeprefix("cicw_"): v for k, v in metrics.items() if k.startswith("cicw_")}
+    rest = {k: v for k, v in metrics.items() if not k.startswith("cicw_")}
+    if cicw:
+        cicw["in_burn_in"] = bool(cicw.get("in_burn_in", False))
+        rest["cicw"] = CICWStepStats(**cicw)
+    return JobReport(**rest)
 
 
 def build_optimizer(spec: OptimizerSpec, params: Iterable[torch.nn.Parameter],
@@ -168,8 +179,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                                    "topic": spec.source.topic, "job_id": spec.job_id})
             ckpt = ray.train.Checkpoint.from_directory(directory)
         # Step 3. The upload is synchronous; the local copy goes afterwards (jobs run for days).
-        ray.train.report({**metrics, "offsets": {str(p): o for p, o in sorted(all_offsets.items())}},
-                         checkpoint=ckpt, delete_local_checkpoint_after_upload=ckpt is not None)
+        durable = as_report({**metrics, "offsets": dict(sorted(all_offsets.items()))})
+        ray.train.report(durable.model_dump(mode="json"), checkpoint=ckpt,
+                         delete_local_checkpoint_after_upload=ckpt is not None)
         publish({**metrics, "checkpoint_step": counters["step"]})
         if committer is not None and all_offsets:  # Step 4, in the background: never blocks training
             committer.submit(all_offsets)
@@ -177,7 +189,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     def publish(metrics: dict[str, Any]) -> None:
         if channel is not None and rank == 0:
-            channel.publish.remote(metrics)  # fire and forget: never wait on the driver
+            channel.publish.remote(as_report(metrics))  # fire and forget: never wait on the driver
 
     def window_metrics(w: MetricWindow) -> dict[str, Any]:
         """Counters plus the metrics of the steps since the last report, over all ranks."""
@@ -274,8 +286,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                    or (spec.checkpoint.every_steps is not None and step % spec.checkpoint.every_steps == 0))
             eval_due = spec.evaluation is not None and step % spec.evaluation.every_steps == 0
             if step % spec.report_every_steps == 0 or due or eval_due:
-                metrics = {**window_metrics(window), **{f"cicw_{k}": v for k, v in out.diagnostics.as_dict().items()
-                                                        if not isinstance(v, list)}}
+                metrics = {**window_metrics(window), **{f"cicw_{k}": v for k, v in out.diagnostics.as_dict().items()}}
                 if eval_due:
                     metrics.update(evaluate())
                 window = MetricWindow()
