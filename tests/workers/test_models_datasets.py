@@ -116,5 +116,5 @@ def test_model_from_an_allow_listed_package(tmp_path: Path, monkeypatch: pytest.
             build_model(name, in_shape=(5,), num_classes=3, allowed_packages=allowed)
     with pytest.raises(ModelError, match="unexpected keyword argument 'width'"):
         build_model("acme_models.nets:linear", in_shape=(5,), num_classes=3, allowed_packages=allowed, width=3)
-    with pytest.raises(ModelError, match="model 'acme_models.nets:checked': width must be at least 1"):
+    with pytest.raises(ModelError, match=r"model 'acme_models\.nets:checked': width must be at least 1"):
         build_model("acme_models.nets:checked", in_shape=(5,), num_classes=3, allowed_packages=allowed, width=0)
