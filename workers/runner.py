@@ -10,6 +10,7 @@ handles at once.
 
 from __future__ import annotations
 
+import logging
 import socket
 import threading
 import time
@@ -26,6 +27,7 @@ from .train.control import open_channel
 from .train.loop import train_loop_per_worker
 from .train.models import build_model
 
+log = logging.getLogger(__name__)
 # How long a named Ray cluster gets to accept a TCP connection before it counts as unreachable.
 RAY_PROBE_TIMEOUT_S = 5.0
 
@@ -113,6 +115,9 @@ def latest_checkpoint(storage_path: str, job_id: str) -> DurableCheckpoint | Non
     try:
         restored = Result.from_path(run)
     except RuntimeError:  # no run folder, or no checkpoint registered in it
+        return None
+    except OSError as exc:  # the storage cannot be read (pyarrow's errors): the summary says so, no crash
+        log.warning("cannot read the checkpoints of job %s in %s: %s", job_id, storage_path, exc)
         return None
     location = _checkpoint_location(storage_path, restored.checkpoint)
     if location is None:
