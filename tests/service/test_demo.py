@@ -49,8 +49,7 @@ def test_demo_command_trains_on_embedded_defaults(no_ray_running: None, tmp_path
     summary = json.loads(out.strip().splitlines()[-1], parse_constant=_refuse_nan)
     assert summary["state"] == "finished" and summary["error"] is None
     assert summary["report"]["examples"] == 1536 and summary["report"]["eval_examples"] == 2000
-    # The demo's records carry their true label: how well the weights found the flipped ones.
-    assert summary["report"]["noise_precision"] is not None and summary["report"]["noise_recall"] is not None
+    assert summary["checkpoint_step"] == summary["report"]["step"] > 0
     assert summary["checkpoint"].startswith(str(tmp_path / "ckpt" / "demo"))
     assert "synthetic 10-class images" in err and "embedded broker at 127.0.0.1:" in err
 
