@@ -14,6 +14,7 @@ import logging
 import socket
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +24,7 @@ from .errors import CicwStreamError, RayClusterError
 from .kafka.clients import make_client
 from .report import JobReport, JobResult, JobStatus
 from .spec import JobSpec
-from .train.control import open_channel
+from .train.control import MAX_PENDING_REPORTS, open_channel
 from .train.loop import train_loop_per_worker
 from .train.models import build_model
 
@@ -154,9 +155,11 @@ class JobHandle:
         self._storage = storage
         self._channel = channel
         self._lock = threading.RLock()
-        self._unread: list[JobReport] = []
+        # Bounded like the channel: a caller reading only latest_report() must not grow it forever.
+        self._unread: deque[JobReport] = deque(maxlen=MAX_PENDING_REPORTS)
         self._latest: JobReport | None = None
         self._result: JobResult | None = None
+        self._closed = False  # the channel was drained a last time and killed
         self._fit = _Fit()
         # fit() blocks for the job's life; it runs on a thread of its own so the caller's stays free.
         self._thread = threading.Thread(target=self._run, args=(trainer,), name=f"fit-{job_id}", daemon=True)
@@ -186,7 +189,8 @@ class JobHandle:
         """The reports received since the last call, oldest first (never waits for one)."""
         with self._lock:
             self._pull()
-            out, self._unread = self._unread, []
+            out = list(self._unread)
+            self._unread.clear()
             return out
 
     def latest_report(self) -> JobReport | None:
@@ -198,7 +202,7 @@ class JobHandle:
     def stop(self, reason: str) -> None:
         """Ask the workers to finish their step, checkpoint and stop (the first reason is kept)."""
         with self._lock:
-            if self._result is None:
+            if not self._closed:
                 self._channel.request_stop.remote(reason)
 
     def wait(self, timeout: float | None = None) -> JobResult:
@@ -206,20 +210,22 @@ class JobHandle:
         self._thread.join(timeout)
         if self._thread.is_alive():
             raise TimeoutError(f"job {self.job_id!r} still running after {timeout} s")
-        if self._fit.crash is not None:
-            raise self._fit.crash
         with self._lock:
-            if self._result is None:
+            if not self._closed:
                 import ray
 
                 self._pull()  # the last reports, before the channel goes
                 ray.kill(self._channel)
+                self._closed = True
+            if self._fit.crash is not None:
+                raise self._fit.crash
+            if self._result is None:
                 self._result = _result_of(self.job_id, self._storage, self._fit, self._latest)
             return self._result
 
     def _pull(self) -> None:
         """Move the channel's reports into this handle (the lock is held)."""
-        if self._result is not None:
+        if self._closed:
             return  # the channel is gone; everything it had was pulled
         import ray
 

@@ -444,3 +444,28 @@ def test_a_stopped_and_resumed_job_trains_the_same_model_as_one_that_ran_through
     assert len(b["rng"]) == 1 and torch.equal(a["rng"][0]["mixup"], b["rng"][0]["mixup"])
     assert a["model"].keys() == b["model"].keys()
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"]), "resumed model differs"
+
+
+def test_a_bug_surfaces_as_an_exception_not_as_a_failed_job(local_ray: None, tmp_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    from workers.runner import JobHandle
+    from workers.train.control import open_channel
+
+    # A model factory with a genuine bug: preflight lets it through (it is no CicwStreamError).
+    (tmp_path / "buggy_models.py").write_text("def net(in_shape, num_classes):\n    return 1 / 0\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    spec = _spec("127.0.0.1:1", "t", tmp_path, model={"name": "buggy_models:net"})
+    with pytest.raises(ZeroDivisionError):
+        run_job(spec, model_packages=("buggy_models",))
+
+    # fit() itself raising something other than Ray Train's TrainingFailedError (a bug on the
+    # driver's side): wait() raises it, rather than calling the job failed.
+    class BrokenTrainer:
+        def fit(self) -> None:
+            raise KeyError("bug")
+
+    handle = JobHandle("broken", str(tmp_path / "ckpt"), BrokenTrainer(), open_channel())
+    for _ in range(2):  # and again on a second call
+        with pytest.raises(KeyError, match="bug"):
+            handle.wait(timeout=30)
+    assert handle.done() and handle.reports() == []
