@@ -28,27 +28,28 @@ weighting), the job spec's default optimizer. The embedded broker runs on this m
 from __future__ import annotations
 
 import argparse
+import itertools
 import statistics
 import sys
 import tempfile
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Any
 
 import ray
 import torch
-
-from cicw import CICWConfig, CICWLoss
 from machine_info import cpu_name  # bench/ is on sys.path when a bench script runs
 from stream_train import SLACK_BATCHES, Workload, decoded_in_memory, fill_topic, load_workload
+
+from cicw import CICWConfig, CICWLoss
 from workers.kafka.broker import EmbeddedBroker
 from workers.kafka.dead_letters import dlq_topic
+from workers.kafka.topics import ensure_topic
+from workers.report import JobReport
+from workers.runner import run_job
 from workers.spec import JobSpec
 from workers.train.models import build_model
-from workers.kafka.topics import ensure_topic
 from workers.train.step import Learner, build_optimizer
-from workers.runner import run_job
 
 TARGET = 0.9
 
@@ -90,20 +91,20 @@ def run_memory(spec: JobSpec, x: torch.Tensor, y: torch.Tensor) -> float:
 
 
 def run_in_ray(spec: JobSpec) -> JobRun:
-    reports: list[dict[str, Any]] = []
+    reports: list[JobReport] = []
     start = time.perf_counter()
     result = run_job(spec, on_report=reports.append)
     wall = time.perf_counter() - start
-    if result.state != "finished":
+    if result.state != "finished" or result.report is None:
         raise RuntimeError(f"job {result.state}: {result.error}")
-    periodic = [m for m in reports if not m.get("final") and m.get("step", 0) > 0]
+    periodic = [m for m in reports if not m.final and m.step > 0]
     # Window i spans reports i-1..i: its examples over its records_per_s is its duration.
-    windows = [(b["examples"] - a["examples"], b["records_per_s"]) for a, b in zip(periodic, periodic[1:])]
+    windows = [(b.examples - a.examples, b.records_per_s or 0.0) for a, b in itertools.pairwise(periodic)]
     examples = sum(n for n, _ in windows)
     seconds = sum(n / rate for n, rate in windows if rate > 0)
     if not seconds:
         raise RuntimeError(f"too few reports ({len(periodic)}) for a steady rate: more --records")
-    return JobRun(examples / seconds, wall, int(result.metrics["step"]), len(reports))
+    return JobRun(examples / seconds, wall, result.report.step, len(reports))
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

@@ -65,19 +65,19 @@ from pathlib import Path
 import numpy as np
 import torch
 from confluent_kafka import Producer
+from machine_info import cpu_name  # bench/ is on sys.path when a bench script runs
 
 from cicw import CICWConfig, CICWLoss
-from machine_info import cpu_name  # bench/ is on sys.path when a bench script runs
+from workers.data.datasets import FASHION_MNIST_DIR, load_fashion_mnist
 from workers.kafka.broker import EmbeddedBroker
 from workers.kafka.codecs import decode_batch
-from workers.data.datasets import FASHION_MNIST_DIR, load_fashion_mnist
-from workers.spec import OptimizerSpec
-from workers.train.models import build_model
-from workers.train.step import Learner, build_optimizer
 from workers.kafka.prefetch import DecodedBatches, ReadyBatch
 from workers.kafka.records import CodecSpec, KafkaRecord, RawFormat, RecordChunk
 from workers.kafka.source import KafkaSource, SourceSpec
 from workers.kafka.topics import ensure_topic
+from workers.spec import OptimizerSpec
+from workers.train.models import build_model
+from workers.train.step import Learner, build_optimizer
 
 PARTITIONS = 4
 NUM_CLASSES = 10
@@ -448,8 +448,9 @@ def throughput_lines(pair: Pair, threads: int, model: str, device: torch.device)
 THROUGHPUT_HEADER = (f"{'threads':>7} {'feed':>6} {'rec/s':>8} {'steps':>5} {'start':>6} {'wait':>6} "
                      f"{'train':>6} {'stall':>6} {'main':>6} {'other':>6} {'broker':>6} {'foreign':>6}")
 THROUGHPUT_LEGEND = ("start: s from KafkaSource.start() to the first batch; wait/train: main-thread ms per step "
-                     "waiting for the next decoded batch (decode-ahead, workers.kafka.prefetch) / in the CICW step; stall: "
-                     "ms per step the main thread was off-CPU while not waiting for data (waiting for the GIL or a core); main/other/broker/foreign: cores busy on "
+                     "waiting for the next decoded batch (decode-ahead, workers.kafka.prefetch) / in the CICW step; "
+                     "stall: ms per step the main thread was off-CPU while not waiting for data (waiting for the GIL "
+                     "or a core); main/other/broker/foreign: cores busy on "
                      "average in the main thread / this process's other threads (poller, librdkafka, torch workers) "
                      "/ the broker / all other processes. Medians over uncontended pairs (foreign < "
                      f"{CONTENDED_CORES} cores) when there are any.")

@@ -7,7 +7,10 @@ import argparse
 import sys
 from collections.abc import Sequence
 from importlib.metadata import PackageNotFoundError, version
-from typing import Any
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from workers.report import JobResult
 
 
 def _version() -> str:
@@ -54,8 +57,8 @@ def _produce(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
     from workers.data.datasets import DatasetError
-    from workers.kafka.clients import SourceClientError
     from workers.data.produce import ProduceSpec, produce
+    from workers.kafka.clients import SourceClientError
     from workers.kafka.topics import ensure_topic
 
     fields = {k: v for k, v in vars(args).items() if k not in ("command", "run") and v is not None}
@@ -83,8 +86,10 @@ def _train(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
     from service.progress import ProgressPrinter
+    from workers.errors import CicwStreamError
+    from workers.runner import connect_ray, failed_result, preflight, run_job
     from workers.spec import JobSpec
-    from workers.runner import run_job
+    from workers.train.models import allowed_model_packages
 
     try:
         spec = JobSpec.from_file(args.spec)
@@ -95,45 +100,59 @@ def _train(args: argparse.Namespace) -> int:
         for err in exc.errors():
             print(f"cicw-stream train: {args.spec}: {'.'.join(map(str, err['loc']))}: {err['msg']}", file=sys.stderr)
         return 2
+    model_packages = allowed_model_packages()
+    try:
+        preflight(spec, model_packages)  # before Ray starts: a bad model or broker fails in seconds
+        connect_ray(args.ray_address)
+    except CicwStreamError as exc:
+        return _summarise(failed_result(spec, str(exc)), as_json=args.json)
     stop: list[str] = []
 
     def on_signal(signum: int, _frame: object) -> None:
         # First signal: checkpoint and stop. Second: the default action (abort at once).
         stop.append(f"{signal.Signals(signum).name} received")
-        signal.signal(signum, previous[signum])
+        signal.signal(signum, previous[signal.Signals(signum)])
         print(f"\ncicw-stream train: {stop[0]}: finishing the step and writing a checkpoint "
               "(again to abort without one)", file=sys.stderr, flush=True)
 
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
     progress = ProgressPrinter(sys.stderr) if not args.quiet else None
     try:
-        result = run_job(spec, ray_address=args.ray_address, on_report=progress,
+        result = run_job(spec, model_packages=model_packages, on_report=progress,
                          stop_requested=lambda: stop[0] if stop else None)
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
         if progress is not None:
             progress.close()
-    return _summarise(spec.job_id, result, as_json=args.json)
+    return _summarise(result, as_json=args.json)
 
 
-def _summarise(job_id: str, result: Any, *, as_json: bool) -> int:
-    """Print a finished job's summary (JSON or one line per key); the exit code for its state."""
-    import json
+def summary_lines(result: JobResult) -> list[str]:
+    """The text summary: how the job ended, its durable checkpoint, then the last report's fields."""
+    head = {"job_id": result.job_id, "state": result.state, "checkpoint": result.checkpoint,
+            "checkpoint_step": result.checkpoint_step}
+    if result.error is not None:
+        head["error"] = result.error
+    fields = (result.report.model_dump(exclude={"offsets", "cicw", "checkpoint_step"}, exclude_none=True)
+              if result.report is not None else {})
+    return [f"{key}: {value}" for key, value in {**head, **fields}.items()]
 
-    summary = {"job_id": job_id, "state": result.state, "checkpoint": result.checkpoint_path,
-               "error": result.error, **{k: v for k, v in result.metrics.items() if k != "offsets"}}
+
+def _summarise(result: JobResult, *, as_json: bool) -> int:
+    """Print a finished job's summary (JSON: the JobResult; text: one line per field); the exit
+    code for its state."""
     if as_json:
-        print(json.dumps(summary, default=str))
+        print(result.model_dump_json())
     else:
-        for key, value in summary.items():
-            print(f"{key}: {value}")
+        print("\n".join(summary_lines(result)))
     return 1 if result.state == "failed" else 0
 
 
 def _demo(args: argparse.Namespace) -> int:
     from service.demo import run_demo
     from service.progress import ProgressPrinter
+    from workers.runner import connect_ray
 
     checks = (("records", args.records, args.records >= 1, "at least 1"),
               ("noise-rate", args.noise_rate, 0 <= args.noise_rate < 1, "in [0, 1)"),
@@ -142,6 +161,7 @@ def _demo(args: argparse.Namespace) -> int:
     if problems:
         print(f"cicw-stream demo: {'; '.join(problems)}", file=sys.stderr)
         return 2
+    connect_ray(None)
     progress = ProgressPrinter(sys.stderr) if not args.quiet else None
     try:
         result = run_demo(records=args.records, noise_rate=args.noise_rate, checkpoints=args.checkpoints,
@@ -150,7 +170,7 @@ def _demo(args: argparse.Namespace) -> int:
     finally:
         if progress is not None:
             progress.close()
-    return _summarise("demo", result, as_json=args.json)
+    return _summarise(result, as_json=args.json)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -187,7 +207,8 @@ def build_parser() -> argparse.ArgumentParser:
     train = sub.add_parser("train", help="run one job (a JobSpec in YAML or JSON) in the foreground on Ray Train; "
                                          "Ctrl-C or SIGTERM checkpoints and stops it, running it again resumes")
     train.add_argument("spec", help="job spec file (.yaml, .yml or .json)")
-    train.add_argument("--ray-address", help="an existing Ray cluster (default: start a local one)")
+    train.add_argument("--ray-address", help="host:port of an existing Ray cluster's GCS, or ray://host:port "
+                                             "(default: start a fresh local Ray)")
     train.add_argument("--json", action="store_true", help="print the final summary as JSON")
     train.add_argument("--quiet", action="store_true", help="no progress line (stderr)")
     train.set_defaults(run=_train)
@@ -197,7 +218,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--noise-rate", dest="noise_rate", type=float, default=0.4,
                       help="share of labels flipped (default 0.4)")
     demo.add_argument("--workers", type=int, default=2, help="Ray Train workers (default 2)")
-    demo.add_argument("--checkpoints", default="./demo-checkpoints", help="checkpoint storage (default ./demo-checkpoints)")
+    demo.add_argument("--checkpoints", default="./demo-checkpoints",
+                      help="checkpoint storage (default ./demo-checkpoints)")
     demo.add_argument("--json", action="store_true", help="print the final summary as JSON")
     demo.add_argument("--quiet", action="store_true", help="no progress line (stderr)")
     demo.set_defaults(run=_demo)

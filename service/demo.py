@@ -18,10 +18,11 @@ from typing import Any
 import numpy as np
 
 from workers.data.datasets import FASHION_MNIST_DIR
-from workers.spec import JobSpec
 from workers.data.produce import ProduceSpec, produce
 from workers.kafka.topics import ensure_topic
-from workers.runner import JobResult, run_job
+from workers.report import JobReport, JobResult
+from workers.runner import run_job
+from workers.spec import JobSpec
 
 TOPIC, EVAL_TOPIC = "demo", "demo-test"
 
@@ -77,9 +78,10 @@ def demo_spec(bootstrap: str, checkpoints: str, workers: int) -> JobSpec:
 
 
 def run_demo(*, records: int, noise_rate: float, checkpoints: str, workers: int,
-             on_report: Callable[[dict[str, Any]], None] | None = None,
+             on_report: Callable[[JobReport], None] | None = None,
              say: Callable[[str], None] = print) -> JobResult:
-    """Broker up, data in, job run, broker down; returns the job's result."""
+    """Broker up, data in, job run, broker down; returns the job's result (Ray must be
+    initialised: see workers.runner.connect_ray)."""
     from workers.kafka.broker import EmbeddedBroker
 
     with EmbeddedBroker() as broker, tempfile.TemporaryDirectory(prefix="cicw-demo-") as workdir:

@@ -6,38 +6,39 @@ On a terminal one line is redrawn in place; otherwise (logs, CI) a line is writt
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable
-from typing import Any, TextIO
+from typing import TextIO
+
+from workers.report import JobReport
 
 
-def format_progress(m: dict[str, Any]) -> str:
-    """One line from a report's metrics; fields a report lacks are left out."""
-    parts = [f"step {m.get('step', 0):,}", f"{m.get('examples', 0):,} records"]
-    rate = m.get("records_per_s")
-    if isinstance(rate, float) and math.isfinite(rate):
-        parts.append(f"{rate:,.0f} rec/s")
-    if m.get("lag") is not None:
-        parts.append(f"lag {m['lag']:,}")
-    for key, label, fmt in (("loss", "loss", "{:.3f}"), ("prequential_accuracy", "acc", "{:.1%}"),
-                            ("eval_accuracy", "eval", "{:.1%}")):
-        value = m.get(key)
-        if isinstance(value, float) and math.isfinite(value):
+def format_progress(r: JobReport) -> str:
+    """One line from a report; fields the report lacks (None) are left out."""
+    parts = [f"step {r.step:,}", f"{r.examples:,} records"]
+    if r.records_per_s is not None:
+        parts.append(f"{r.records_per_s:,.0f} rec/s")
+    if r.lag is not None:
+        parts.append(f"lag {r.lag:,}")
+    for value, label, fmt in ((r.loss, "loss", "{:.3f}"), (r.prequential_accuracy, "acc", "{:.1%}"),
+                              (r.eval_accuracy, "eval", "{:.1%}")):
+        if value is not None:
             parts.append(f"{label} {fmt.format(value)}")
-    if m.get("rejected"):
-        parts.append(f"{m['rejected']:,} dead-lettered")
-    if m.get("checkpoint_step") is not None:
-        parts.append(f"checkpoint @{m['checkpoint_step']:,}")
-    if m.get("checkpoint_postponed"):
-        parts.append(f"checkpoint postponed: {m['checkpoint_postponed']}")
-    if m.get("stalled_s"):
-        parts.append(f"STALLED {m['stalled_s']:.0f} s: {m.get('stall_reason', 'broker unreachable')}")
+    if r.rejected:
+        parts.append(f"{r.rejected:,} dead-lettered")
+    if r.checkpoint_step is not None:
+        parts.append(f"checkpoint @{r.checkpoint_step:,}")
+    if r.checkpoint_postponed:
+        parts.append(f"checkpoint postponed: {r.checkpoint_postponed}")
+    if r.stalled_s:
+        parts.append(f"STALLED {r.stalled_s:.0f} s: {r.stall_reason or 'broker unreachable'}")
     return " | ".join(parts)
 
 
-# Reports printed to a log even between the throttled ones.
-NOTABLE = ("checkpoint_step", "checkpoint_postponed", "eval_accuracy", "stalled_s", "final")
+def is_notable(r: JobReport) -> bool:
+    """Reports printed to a log even between the throttled ones."""
+    return (r.checkpoint_step is not None or bool(r.checkpoint_postponed) or r.eval_accuracy is not None
+            or bool(r.stalled_s) or r.final)
 
 
 class ProgressPrinter:
@@ -52,14 +53,13 @@ class ProgressPrinter:
         self._last = float("-inf")
         self._width = 0
 
-    def __call__(self, metrics: dict[str, Any]) -> None:
-        line = format_progress(metrics)
+    def __call__(self, report: JobReport) -> None:
+        line = format_progress(report)
         if self._tty:
             self._stream.write("\r" + line.ljust(self._width))
             self._width = len(line)
         else:
-            notable = any(metrics.get(k) for k in NOTABLE)
-            if not notable and self._clock() - self._last < self._every_s:
+            if not is_notable(report) and self._clock() - self._last < self._every_s:
                 return
             self._stream.write(line + "\n")
         self._last = self._clock()

@@ -67,3 +67,7 @@ class DatasetError(CicwStreamError, ValueError):
 
 class BrokerError(CicwStreamError, RuntimeError):
     """The embedded development broker failed to start or stop."""
+
+
+class RayClusterError(CicwStreamError, RuntimeError):
+    """The Ray cluster a caller named cannot be reached (nothing listens at its address)."""

@@ -14,6 +14,8 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, NonNegativeFloat, NonNegativeInt, field_validator
 
 JobState = Literal["finished", "stopped", "failed"]
+# A job's state while it runs (pending: submitted, no report from its workers yet), then how it ended.
+JobStatus = Literal["pending", "running", "finished", "stopped", "failed"]
 
 
 def _finite_or_none(value: Any) -> Any:
@@ -96,6 +98,6 @@ class JobResult(BaseModel):
     job_id: str
     state: JobState
     report: JobReport | None = Field(None, description="The last report received (None if none was).")
-    checkpoint: str | None = None
-    checkpoint_step: NonNegativeInt | None = None
-    error: str | None = None
+    checkpoint: str | None = Field(None, description="The latest durable checkpoint, the one a rerun resumes from.")
+    checkpoint_step: NonNegativeInt | None = Field(None, description="The step that checkpoint was written at.")
+    error: str | None = Field(None, description="Why the job failed (the workers' own exception).")

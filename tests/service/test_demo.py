@@ -16,6 +16,10 @@ from service.cli import main as cli_main
 pytestmark = pytest.mark.slow
 
 
+def _refuse_nan(constant: str) -> None:
+    raise AssertionError(f"{constant} in JSON output")
+
+
 @pytest.fixture
 def no_ray_running() -> Iterator[None]:
     import ray
@@ -42,9 +46,10 @@ def test_demo_command_trains_on_embedded_defaults(no_ray_running: None, tmp_path
     code = cli_main(["demo", "--records", "1536", "--checkpoints", str(tmp_path / "ckpt"), "--json", "--quiet"])
     out, err = capsys.readouterr()
     assert code == 0, err
-    summary = json.loads(out.strip().splitlines()[-1])
+    summary = json.loads(out.strip().splitlines()[-1], parse_constant=_refuse_nan)
     assert summary["state"] == "finished" and summary["error"] is None
-    assert summary["examples"] == 1536 and summary["eval_examples"] == 2000
+    assert summary["report"]["examples"] == 1536 and summary["report"]["eval_examples"] == 2000
+    assert summary["checkpoint_step"] == summary["report"]["step"] > 0
     assert summary["checkpoint"].startswith(str(tmp_path / "ckpt" / "demo"))
     assert "synthetic 10-class images" in err and "embedded broker at 127.0.0.1:" in err
 

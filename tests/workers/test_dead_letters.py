@@ -93,13 +93,13 @@ def test_a_full_local_queue_is_waited_out_not_dropped() -> None:
 def test_refused_or_undelivered_dead_letters_fail_the_flush() -> None:
     refused = DeadLetterSink(_FlakyProducer(refuse=True))
     refused.send([_rejection("t", 1, b"a")])
-    with pytest.raises(DeadLetterError, match="1 dead letter.*refused.*authorization") as caught:
+    with pytest.raises(DeadLetterError, match=r"1 dead letter.*refused.*authorization") as caught:
         refused.flush()
     assert not isinstance(caught.value, DeadLettersPending)  # retrying will not help: the job fails
 
     pending = DeadLetterSink(_FlakyProducer(hold_back=1))
     pending.send([_rejection("t", 1, b"a")])
-    with pytest.raises(DeadLettersPending, match="1 dead letter.*not delivered within 0.5 s"):
+    with pytest.raises(DeadLettersPending, match=r"1 dead letter.*not delivered within 0\.5 s"):
         pending.flush(0.5)
 
 
@@ -126,5 +126,5 @@ def test_a_refusal_is_reported_at_the_next_step_not_raised_mid_step() -> None:
     queueing = DeadLetterSink(_UnknownTopicProducer())
     assert queueing.send([_rejection("t", 2, b"b")]) == 1
     assert "cannot queue a dead letter for t.dlq" in (queueing.refused() or "")
-    with pytest.raises(DeadLetterError, match="refused by the broker: cannot queue a dead letter for t.dlq"):
+    with pytest.raises(DeadLetterError, match=r"refused by the broker: cannot queue a dead letter for t\.dlq"):
         queueing.flush()

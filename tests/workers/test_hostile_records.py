@@ -176,7 +176,7 @@ def test_a_job_trains_every_good_record_once_and_dead_letters_the_hostile_ones(h
     assert set(lineage) == {(p, o) for _, p, o in hostile_job["good"].values()}
     _assert_reasons(_dead_letters(hostile_job["bootstrap"], hostile_job["topic"]), hostile_job["hostile"])
     # The evaluation set is every good record of the evaluation topic (the hostile ones left out).
-    assert result.metrics["eval_examples"] == len(hostile_job["eval_good"]) == 60
+    assert result.report.eval_examples == len(hostile_job["eval_good"]) == 60
 
 
 def test_hostile_evaluation_records_reach_the_evaluation_dead_letter_topic(hostile_job: dict[str, Any]) -> None:

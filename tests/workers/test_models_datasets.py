@@ -14,6 +14,7 @@ import torch
 from PIL import Image
 
 from workers.data.datasets import DatasetError, load_cifar10, load_fashion_mnist, read_idx
+from workers.errors import ModelError
 from workers.train.models import MODEL_PACKAGES_ENV, allowed_model_packages, build_model
 
 
@@ -25,7 +26,7 @@ def test_models_output_logits(name: str, in_shape: tuple[int, ...]) -> None:
 
 
 def test_unknown_model_lists_registered_names() -> None:
-    with pytest.raises(ValueError, match="registered models: \\['mlp', 'preact_resnet18', 'small_cnn'\\]"):
+    with pytest.raises(ModelError, match="registered models: \\['mlp', 'preact_resnet18', 'small_cnn'\\]"):
         build_model("resnet9000", in_shape=(3, 32, 32), num_classes=10)
 
 
@@ -90,6 +91,10 @@ def test_model_from_an_allow_listed_package(tmp_path: Path, monkeypatch: pytest.
         "def linear(in_shape, num_classes, *, bias=True):\n"
         "    return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(in_shape[0], num_classes, bias=bias))\n"
         "not_a_factory = 3\n"
+        "def checked(in_shape, num_classes, *, width=1):\n"
+        "    if width < 1:\n"
+        "        raise ValueError('width must be at least 1')\n"
+        "    return torch.nn.Linear(in_shape[0], num_classes)\n"
         "def not_a_module(in_shape, num_classes):\n"
         "    return 'nope'\n")
     monkeypatch.syspath_prepend(str(tmp_path))
@@ -99,7 +104,7 @@ def test_model_from_an_allow_listed_package(tmp_path: Path, monkeypatch: pytest.
     model = build_model("acme_models.nets:linear", in_shape=(5,), num_classes=3, allowed_packages=allowed,
                         bias=False)
     assert model(torch.randn(2, 5)).shape == (2, 3) and model[1].bias is None
-    with pytest.raises(ValueError, match="is not allow-listed"):  # the default allow-list is empty
+    with pytest.raises(ModelError, match="is not allow-listed"):  # the default allow-list is empty
         build_model("acme_models.nets:linear", in_shape=(5,), num_classes=3)
     for name, message in [("acme_models.nets:missing", "has no attribute 'missing'"),
                           ("acme_models.absent:f", "cannot import"),
@@ -107,7 +112,9 @@ def test_model_from_an_allow_listed_package(tmp_path: Path, monkeypatch: pytest.
                           ("acme_models.nets:not_a_module", "not a torch.nn.Module"),
                           ("os:getcwd", "package 'os' is not allow-listed"),
                           ("acme_models.nets:", "unknown model")]:
-        with pytest.raises(ValueError, match=message):
+        with pytest.raises(ModelError, match=message):
             build_model(name, in_shape=(5,), num_classes=3, allowed_packages=allowed)
-    with pytest.raises(ValueError, match="unexpected keyword argument 'width'"):
+    with pytest.raises(ModelError, match="unexpected keyword argument 'width'"):
         build_model("acme_models.nets:linear", in_shape=(5,), num_classes=3, allowed_packages=allowed, width=3)
+    with pytest.raises(ModelError, match=r"model 'acme_models\.nets:checked': width must be at least 1"):
+        build_model("acme_models.nets:checked", in_shape=(5,), num_classes=3, allowed_packages=allowed, width=0)

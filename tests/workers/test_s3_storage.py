@@ -17,11 +17,11 @@ from pathlib import Path
 import pytest
 
 from workers.kafka.broker import EmbeddedBroker
-from workers.train.checkpoints import STATE_FILE, load_state
 from workers.kafka.topics import ensure_topic
-from workers.runner import run_job
+from workers.runner import latest_checkpoint, run_job
+from workers.train.checkpoints import STATE_FILE, load_state
 
-from .test_job_control import _send, _spec
+from .test_job_control import _records, _send, _spec
 from .test_train_job import _lineage
 
 pytestmark = pytest.mark.slow
@@ -77,17 +77,21 @@ def test_checkpoints_go_to_s3_and_a_rerun_resumes_from_them(kafka_broker: Embedd
 
     first = run_job(spec)
     assert first.state == "finished", first.error
-    assert first.checkpoint_path is not None and first.checkpoint_path.startswith(f"s3://{BUCKET}/{prefix}/")
-    assert load_state(first.checkpoint_path).offsets == {0: 200, 1: 200}
+    assert first.checkpoint is not None and first.checkpoint.startswith(f"s3://{BUCKET}/{prefix}/")
+    assert load_state(first.checkpoint).offsets == {0: 200, 1: 200}
     assert not (tmp_path / "ckpt").exists() and not Path(prefix).exists()  # nothing written locally
+    # What a failed job's summary would name: the checkpoint the bucket's run registry holds.
+    durable = latest_checkpoint(spec.checkpoint.storage_path, spec.job_id)
+    assert durable is not None and (durable.location, durable.step) == (first.checkpoint, first.checkpoint_step)
 
     # More records arrive; the same job again resumes from the bucket's checkpoint.
     _send(kafka_broker.bootstrap, topic, 200, partitions=[0, 1], start=400, seed=1)
     second = run_job(spec)
     assert second.state == "finished", second.error
-    assert second.metrics["examples"] == 600
-    assert load_state(second.checkpoint_path).offsets == {0: 300, 1: 300}
+    assert second.report is not None and second.report.examples == 600
+    assert load_state(second.checkpoint).offsets == {0: 300, 1: 300}
     lineage = _lineage(tmp_path / "records")
-    assert len(lineage) == len(set(lineage)) == 600  # every record once over both runs
+    assert len(lineage) == len(set(lineage))
+    assert sorted(lineage) == _records({0: 300, 1: 300})  # every record once over both runs
     kept = _checkpoints_in_bucket(prefix)
-    assert len(kept) == 2 and second.checkpoint_path.removeprefix("s3://") + "/" + STATE_FILE in kept  # keep: 2
+    assert len(kept) == 2 and second.checkpoint.removeprefix("s3://") + "/" + STATE_FILE in kept  # keep: 2

@@ -14,8 +14,15 @@ from confluent_kafka.admin import AdminClient, NewTopic
 
 from workers.errors import OffsetOutOfRangeError
 from workers.kafka.broker import EmbeddedBroker, free_port
-from workers.kafka.clients import (CONFLUENT_DEFAULTS, CONSUME_BATCH, ConfluentClient, FetchOutOfRange,
-                                   KafkaPythonClient, SourceClientError, TransientClientError)
+from workers.kafka.clients import (
+    CONFLUENT_DEFAULTS,
+    CONSUME_BATCH,
+    ConfluentClient,
+    FetchOutOfRange,
+    KafkaPythonClient,
+    SourceClientError,
+    TransientClientError,
+)
 from workers.kafka.records import KafkaRecord
 from workers.kafka.source import KafkaSource, SourceSpec, StartAtOffsets, StartAtTimestamp, assigned_partitions
 

@@ -38,11 +38,11 @@ class FakeTopic:
     high: dict[int, int]
     visible: int
     metadata_down: bool = False
-    at_poll: dict[int, Callable[["FakeTopic"], None]] = field(default_factory=dict)
+    at_poll: dict[int, Callable[[FakeTopic], None]] = field(default_factory=dict)
     polls: int = 0
 
     @classmethod
-    def of(cls, partitions: int, records: int, *, visible: int | None = None) -> "FakeTopic":
+    def of(cls, partitions: int, records: int, *, visible: int | None = None) -> FakeTopic:
         logs = {p: {o: f"{p}:{o}".encode() for o in range(records)} for p in range(partitions)}
         return cls(logs, {p: 0 for p in logs}, {p: records for p in logs},
                    partitions if visible is None else visible)
@@ -187,11 +187,11 @@ def test_resumed_offset_outside_the_range_resets_per_policy(offset: int, policy:
                                                             caplog: pytest.LogCaptureFixture) -> None:
     topic = FakeTopic.of(2, 10)
     topic.delete_before(0, 3)
-    with caplog.at_level(logging.WARNING, logger="workers.kafka.source"):
-        with _source(topic, _spec(stop_at="end", offset_reset=policy), resume_offsets={0: offset, 1: 7}) as source:
-            assert source.positions == {0: reset_to, 1: 7}  # what a checkpoint taken now would store
-            got = _drain(source)
-            assert source.offset_resets == [OffsetReset(0, offset, 3, 10, reset_to, "resume")]
+    with (caplog.at_level(logging.WARNING, logger="workers.kafka.source"),
+          _source(topic, _spec(stop_at="end", offset_reset=policy), resume_offsets={0: offset, 1: 7}) as source):
+        assert source.positions == {0: reset_to, 1: 7}  # what a checkpoint taken now would store
+        got = _drain(source)
+        assert source.offset_resets == [OffsetReset(0, offset, 3, 10, reset_to, "resume")]
     assert sorted(got) == [(0, o) for o in range(reset_to, 10)] + [(1, 7), (1, 8), (1, 9)]
     warning = "\n".join(r.getMessage() for r in caplog.records if r.levelno == logging.WARNING)
     assert f"t[0]: resumed offset {offset} is outside the broker's range [3, 10]" in warning and says in warning
@@ -202,11 +202,11 @@ def test_resumed_offset_outside_the_range_resets_per_policy(offset: int, policy:
 def test_fetch_refused_while_reading_fails_with_the_typed_error() -> None:
     topic = FakeTopic.of(1, 10)
     topic.at_poll[2] = lambda t: t.delete_before(0, 8)  # retention passes the reader after 0 and 1
-    with _source(topic, _spec(fetch_records=2, queue_records=2, batch_size=2)) as source:
-        with pytest.raises(OffsetOutOfRangeError, match=r"t\[0\]: fetch offset 2 is outside the broker's range "
-                                                        r"\[8, 10\]"):
-            for _ in range(2000):
-                source.next_batch()
+    with (_source(topic, _spec(fetch_records=2, queue_records=2, batch_size=2)) as source,
+          pytest.raises(OffsetOutOfRangeError,
+                        match=r"t\[0\]: fetch offset 2 is outside the broker's range \[8, 10\]")):
+        for _ in range(2000):
+            source.next_batch()
 
 
 @pytest.mark.parametrize(("policy", "change", "expected", "end"), [

@@ -50,17 +50,17 @@ def test_a_job_resumes_with_other_workers_and_refuses_another_topic(kafka_broker
         "max_failures": 0, "record_log_dir": str(tmp_path / "records"),
     })
     first = run_job(two)
-    assert first.state == "finished" and first.checkpoint_path is not None, first.error
-    meta = read_meta(first.checkpoint_path)
+    assert first.state == "finished" and first.checkpoint is not None, first.error
+    meta = read_meta(first.checkpoint)
     assert (meta.job_id, meta.topic, meta.partition_count, meta.step) == (two.job_id, topic, 3, 4)
-    assert meta.data_hash == data_hash(two) and meta.offsets == load_state(first.checkpoint_path).offsets
+    assert meta.data_hash == data_hash(two) and meta.offsets == load_state(first.checkpoint).offsets
     assert 0 < meta.examples == sum(meta.offsets.values()) < 300
 
     # One worker now: it takes every partition at the checkpoint's offsets, with streams of its own.
     one = two.model_copy(update={"scaling": two.scaling.model_copy(update={"num_workers": 1}), "max_steps": None})
     rest = run_job(one)
     assert rest.state == "finished", rest.error
-    assert rest.metrics["examples"] == 300 and load_state(rest.checkpoint_path).offsets == {0: 100, 1: 100, 2: 100}
+    assert rest.report.examples == 300 and load_state(rest.checkpoint).offsets == {0: 100, 1: 100, 2: 100}
     lineage = _lineage(tmp_path / "records")
     assert len(lineage) == len(set(lineage)) == 300  # every record exactly once over both runs
 

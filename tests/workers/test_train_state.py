@@ -148,7 +148,7 @@ def test_the_data_hash_tells_formats_apart_and_ignores_spelled_out_defaults() ->
 
 
 def test_meta_json_names_what_is_wrong(tmp_path: Path) -> None:
-    with pytest.raises(CheckpointError, match="cannot read meta.json"):
+    with pytest.raises(CheckpointError, match=r"cannot read meta\.json"):
         read_meta(tmp_path)
     save_state(tmp_path, _state(_spec()))
     doc = json.loads((tmp_path / "meta.json").read_text())

@@ -44,7 +44,7 @@ class FetchOutOfRange(OffsetOutOfRangeError):
         super().__init__(message)
         self.offsets = dict(offsets or {})
 
-    def __reduce__(self):  # type: ignore[no-untyped-def]
+    def __reduce__(self):
         return type(self), (str(self), self.offsets)
 
 
@@ -165,7 +165,7 @@ class ConfluentClient:
                            np.fromiter(map(msg.partition, messages), np.int64, n),
                            np.fromiter(map(msg.offset, messages), np.int64, n),
                            [m.key() for m in messages],
-                           [tuple(h) if (h := m.headers()) else None for m in messages],
+                           [tuple(h) if (h := m.headers()) else None for m in messages],  # type: ignore[arg-type]  # a list here
                            [ts if kind else -1 for kind, ts in map(msg.timestamp, messages)]), fetched
 
     def _without_errors(self, messages: list[Any]) -> list[Any]:
@@ -232,7 +232,7 @@ class KafkaPythonClient:
             raise SourceClientError(f"cannot reach Kafka at {bootstrap}: {exc!r}") from exc
         self._topic = ""
 
-    def _tp(self, topic: str, partition: int):  # type: ignore[no-untyped-def]
+    def _tp(self, topic: str, partition: int):
         from kafka import TopicPartition
 
         return TopicPartition(topic, partition)

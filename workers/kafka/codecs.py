@@ -105,7 +105,7 @@ def _decode_or_reject(rec: KafkaRecord, spec: CodecSpec) -> tuple[np.ndarray, in
     try:
         x, y = decode_record(rec, spec)
         return x, y, _clean_label(rec, spec)
-    except Exception as exc:  # noqa: BLE001 - whatever one record's bytes provoke rejects that record only
+    except Exception as exc:
         return Rejection(rec, rejection_reason(exc))
 
 
@@ -173,7 +173,7 @@ def _decode_raw_chunk(chunk: RecordChunk, fmt: RawFormat, spec: CodecSpec) -> De
             try:
                 _check_value(rec.value, spec, expected)
                 labels[i], clean[i] = _label(rec, fmt.label_from, spec), _clean_label(rec, spec)
-            except Exception as exc:  # noqa: BLE001 - one record's failure rejects that record only
+            except Exception as exc:
                 rejected.append((i, Rejection(rec, rejection_reason(exc))))
         if rejected:
             bad = {i for i, _ in rejected}
@@ -259,7 +259,7 @@ def decode_record(rec: KafkaRecord, spec: CodecSpec) -> tuple[np.ndarray, int | 
             return _decode_record(rec, spec)
     except RecordRejected:
         raise
-    except Exception as exc:  # noqa: BLE001 - a record's bytes must not be able to raise anything else
+    except Exception as exc:
         raise RecordRejected(rejection_reason(exc)) from exc
 
 
@@ -329,7 +329,7 @@ def _decode_image(value: bytes, fmt: ImageFormat, spec: CodecSpec) -> np.ndarray
         raise
     except UnidentifiedImageError as exc:  # its message names the BytesIO object: not worth a header
         raise RecordRejected(f"value is not a decodable image: Pillow cannot read it as {kind}") from exc
-    except Exception as exc:  # noqa: BLE001 - Pillow raises OSError, ValueError, SyntaxError, ... on bad files
+    except Exception as exc:
         raise RecordRejected(f"value is not a decodable image: {rejection_reason(exc)}") from exc
     x = (arr.reshape(h, w, c).transpose(2, 0, 1) / 255.0).astype(np.float32)
     if fmt.mean is not None and fmt.std is not None:

@@ -54,7 +54,7 @@ class RecordChunk(Sequence[KafkaRecord]):
     The ``timestamps`` column holds milliseconds, -1 where the client gave none.
     """
 
-    __slots__ = ("topic", "_values", "_partitions", "_offsets", "_keys", "_headers", "_timestamps", "_records")
+    __slots__ = ("_headers", "_keys", "_offsets", "_partitions", "_records", "_timestamps", "_values", "topic")
 
     def __init__(self, topic: str, values: list[bytes | None], partitions: np.ndarray | Sequence[int],
                  offsets: np.ndarray | Sequence[int], keys: list[bytes | None] | None = None,
@@ -268,7 +268,7 @@ class JsonValue(BaseModel):
 
     model_config = ConfigDict(extra="ignore")
 
-    x: float | list  # type: ignore[type-arg]  # nested lists of numbers; shape checked by the codec
+    x: float | list  # nested lists of numbers; shape checked by the codec
     y: int | list[float]
     id: str | None = None
     source: str | None = None

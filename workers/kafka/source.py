@@ -205,7 +205,7 @@ class KafkaSource:
         self._trouble: str | None = None
         self._high: dict[int, int] = {}
 
-    def start(self) -> "KafkaSource":
+    def start(self) -> KafkaSource:
         """Find this rank's partitions and positions, then start the poller. Raises
         SourceClientError when the topic cannot be read, OffsetOutOfRangeError for a resumed
         offset the broker no longer has (policy 'fail')."""
@@ -611,7 +611,7 @@ class KafkaSource:
         if self._thread is not None:
             self._thread.join(timeout=10)
 
-    def __enter__(self) -> "KafkaSource":
+    def __enter__(self) -> KafkaSource:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:

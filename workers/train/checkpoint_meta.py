@@ -114,7 +114,7 @@ def read_bytes(location: str | Path, name: str) -> bytes:
     environment). Raises CheckpointError when it cannot be read."""
     try:
         if "://" in str(location):
-            from pyarrow.fs import FileSystem  # type: ignore[import-untyped]
+            from pyarrow.fs import FileSystem
 
             fs, path = FileSystem.from_uri(str(location))
             with fs.open_input_file(f"{path.rstrip('/')}/{name}") as f:

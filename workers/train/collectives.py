@@ -66,7 +66,7 @@ class Collectives:
             return [float(v) for v in values]
         t = torch.tensor(values, dtype=torch.float64, device=self.device)
         self.backend.all_reduce(t)
-        return t.tolist()  # type: ignore[no-any-return]
+        return t.tolist()
 
     def max(self, value: float) -> float:
         """The largest of every rank's ``value``."""

@@ -7,6 +7,8 @@ from __future__ import annotations
 from collections import deque
 from typing import Any
 
+from ..report import JobReport
+
 # Reports kept for a reader that stopped reading; older ones are dropped (metrics, not data).
 MAX_PENDING_REPORTS = 1000
 
@@ -15,13 +17,13 @@ class JobChannel:
     """Held by a Ray actor (see :func:`open_channel`); every method is called remotely."""
 
     def __init__(self) -> None:
-        self._reports: deque[dict[str, Any]] = deque(maxlen=MAX_PENDING_REPORTS)
+        self._reports: deque[JobReport] = deque(maxlen=MAX_PENDING_REPORTS)
         self._stop_reason: str | None = None
 
-    def publish(self, metrics: dict[str, Any]) -> None:
-        self._reports.append(metrics)
+    def publish(self, report: JobReport) -> None:
+        self._reports.append(report)
 
-    def drain(self) -> list[dict[str, Any]]:
+    def drain(self) -> list[JobReport]:
         """The reports published since the last call, oldest first."""
         out = list(self._reports)
         self._reports.clear()

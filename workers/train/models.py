@@ -10,6 +10,8 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor, nn
 
+from ..errors import ModelError
+
 
 def mlp(in_shape: Sequence[int], num_classes: int, *, hidden: Sequence[int] = (512, 512),
         dropout: float = 0.0) -> nn.Module:
@@ -98,7 +100,7 @@ def allowed_model_packages() -> tuple[str, ...]:
 
 def resolve_model(name: str, allowed_packages: Sequence[str] = ()) -> Callable[..., nn.Module]:
     """The factory a job spec names: a registered model, or ``package.module:factory`` whose
-    top-level package is in ``allowed_packages``. Raises ValueError saying what is allowed.
+    top-level package is in ``allowed_packages``. Raises ModelError saying what is allowed.
 
     A factory is called as ``factory(in_shape, num_classes, **options)`` and returns a module
     mapping [B, *in_shape] to logits [B, num_classes].
@@ -107,31 +109,31 @@ def resolve_model(name: str, allowed_packages: Sequence[str] = ()) -> Callable[.
         return MODELS[name]
     module_name, sep, attr = name.partition(":")
     if not sep or not module_name or not attr:
-        raise ValueError(f"unknown model {name!r}; registered models: {sorted(MODELS)}, "
+        raise ModelError(f"unknown model {name!r}; registered models: {sorted(MODELS)}, "
                          f"or 'package.module:factory' from a package in ${MODEL_PACKAGES_ENV}")
     package = module_name.split(".")[0]
     if package not in allowed_packages:
-        raise ValueError(f"model {name!r}: package {package!r} is not allow-listed "
+        raise ModelError(f"model {name!r}: package {package!r} is not allow-listed "
                          f"(${MODEL_PACKAGES_ENV}={','.join(allowed_packages)!r})")
     try:
         factory = getattr(importlib.import_module(module_name), attr)
     except ImportError as exc:
-        raise ValueError(f"model {name!r}: cannot import {module_name!r}: {exc}") from exc
+        raise ModelError(f"model {name!r}: cannot import {module_name!r}: {exc}") from exc
     except AttributeError as exc:
-        raise ValueError(f"model {name!r}: {module_name!r} has no attribute {attr!r}") from exc
+        raise ModelError(f"model {name!r}: {module_name!r} has no attribute {attr!r}") from exc
     if not callable(factory):
-        raise ValueError(f"model {name!r}: {attr!r} is not callable")
+        raise ModelError(f"model {name!r}: {attr!r} is not callable")
     return factory
 
 
 def build_model(name: str, *, in_shape: Sequence[int], num_classes: int,
                 allowed_packages: Sequence[str] = (), **kwargs: object) -> nn.Module:
-    """Instantiate a model (see :func:`resolve_model`). Raises ValueError naming what is wrong."""
+    """Instantiate a model (see :func:`resolve_model`). Raises ModelError naming what is wrong."""
     factory = resolve_model(name, allowed_packages)
     try:
         model = factory(tuple(in_shape), num_classes, **kwargs)
-    except TypeError as exc:  # unknown or missing options
-        raise ValueError(f"model {name!r}: {exc}") from exc
+    except (TypeError, ValueError) as exc:  # unknown, missing or invalid options
+        raise ModelError(f"model {name!r}: {exc}") from exc
     if not isinstance(model, nn.Module):
-        raise ValueError(f"model {name!r}: the factory returned {type(model).__name__}, not a torch.nn.Module")
+        raise ModelError(f"model {name!r}: the factory returned {type(model).__name__}, not a torch.nn.Module")
     return model
