@@ -72,6 +72,7 @@ from workers.data.datasets import FASHION_MNIST_DIR, load_fashion_mnist
 from workers.kafka.broker import EmbeddedBroker
 from workers.kafka.codecs import decode_batch
 from workers.kafka.prefetch import DecodedBatches, ReadyBatch
+from workers.kafka.producing import produce_waiting
 from workers.kafka.records import CodecSpec, KafkaRecord, RawFormat, RecordChunk
 from workers.kafka.source import KafkaSource, SourceSpec
 from workers.kafka.topics import ensure_topic
@@ -143,22 +144,12 @@ def decoded_in_memory(workload: Workload) -> tuple[torch.Tensor, torch.Tensor]:
     return batch.inputs, batch.targets
 
 
-def produce_one(producer: Producer, topic: str, value: bytes, headers: list[tuple[str, bytes]],
-                partition: int) -> None:
-    while True:
-        try:
-            producer.produce(topic, value=value, headers=headers, partition=partition)
-            return
-        except BufferError:  # local queue full: let it drain
-            producer.poll(0.05)
-
-
 def fill_topic(bootstrap: str, workload: Workload, tag: str) -> str:
     topic = f"stream-train-{tag}-{uuid.uuid4().hex[:6]}"
     ensure_topic(bootstrap, topic, PARTITIONS)
     producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 20})
     for i, (x, y) in enumerate(zip(workload.pixels, workload.labels, strict=True)):
-        produce_one(producer, topic, x.tobytes(), record_headers(int(y)), i % PARTITIONS)
+        produce_waiting(producer, topic, value=x.tobytes(), headers=record_headers(int(y)), partition=i % PARTITIONS)
     if producer.flush(60):
         raise RuntimeError(f"records not delivered to {topic}")
     return topic
@@ -486,8 +477,8 @@ def paced_producer(bootstrap: str, topic: str, pixels: np.ndarray, labels: np.nd
         # Bursts of whatever is due, then a short sleep: the pace holds to within ~1 ms.
         for _ in range(int(elapsed * rate) - sent):
             i, now = sent % len(values), time.time_ns()
-            produce_one(producer, topic, values[i], [*label_headers[i], (TIME_HEADER, str(now).encode())],
-                        sent % PARTITIONS)
+            produce_waiting(producer, topic, value=values[i],
+                            headers=[*label_headers[i], (TIME_HEADER, str(now).encode())], partition=sent % PARTITIONS)
             sent += 1
             before_window += now < window_ns
         producer.poll(0)

@@ -26,6 +26,8 @@ def format_progress(r: JobReport) -> str:
             parts.append(f"{label} {fmt.format(value)}")
     if r.rejected:
         parts.append(f"{r.rejected:,} dead-lettered")
+    if r.offset_resets:
+        parts.append(f"{r.offset_resets} offset reset(s), see the log")
     if r.checkpoint_step is not None:
         parts.append(f"checkpoint @{r.checkpoint_step:,}")
     if r.checkpoint_postponed:

@@ -73,6 +73,9 @@ class JobReport(BaseModel):
     eval_accuracy: float | None = Field(None, description="Accuracy on the clean evaluation set.")
     eval_loss: float | None = Field(None, description="Cross entropy on the clean evaluation set.")
     eval_examples: NonNegativeInt | None = Field(None, description="Size of the clean evaluation set.")
+    offset_resets: NonNegativeInt = Field(
+        0, description="Partition positions reset under source.offset_reset in this run, because the broker no "
+                        "longer had them (each is logged with what was skipped or replayed).")
     stalled_s: NonNegativeFloat = Field(0.0, description="Seconds the broker has been unreachable (0: healthy).")
     stall_reason: str | None = Field(None, description="The client's error while stalled.")
     checkpoint_step: NonNegativeInt | None = Field(

@@ -18,6 +18,8 @@ def test_progress_line_shows_rate_lag_loss_accuracy_and_stalls() -> None:
     assert stalled.endswith("STALLED 12 s: timed out")
     postponed = format_progress(JobReport(step=7, examples=70, checkpoint_postponed="2 dead letter(s) not delivered"))
     assert postponed.endswith("checkpoint postponed: 2 dead letter(s) not delivered")
+    reset = format_progress(JobReport(step=7, examples=70, offset_resets=1))
+    assert reset.endswith("1 offset reset(s), see the log")
 
 
 def test_printer_redraws_on_a_terminal_and_throttles_in_logs() -> None:

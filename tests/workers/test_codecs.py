@@ -297,3 +297,15 @@ def test_raw_chunk_of_only_rejected_float_records_is_an_empty_batch() -> None:
     spec = CodecSpec(format=RawFormat(dtype="float32"), input_shape=(2,), num_classes=3)
     batch = decode_batch(_chunk([(0, 0, None, None), (0, 1, b"\x00", None)]), spec)
     assert len(batch) == 0 and batch.inputs.shape == (0, 2) and len(batch.rejected) == 2
+
+
+def test_a_record_with_several_faults_gets_the_same_reason_on_both_paths() -> None:
+    # Found by the fuzz test: non-finite features and a clean-label header that is not a number.
+    spec = CodecSpec(format=RawFormat(dtype="float64", label_from="key"), input_shape=(3,), num_classes=5)
+    bad = KafkaRecord("t", 0, 0, np.array([0.0, 0.0, np.inf]).astype("<f8").tobytes(), key=b"0",
+                      headers=(("clean_label", b""),))
+    columnar = decode_batch(RecordChunk.of_records([bad]), spec)  # type: ignore[arg-type]
+    with pytest.raises(RecordRejected) as per_record:
+        decode_record(bad, spec)
+    assert [r.reason for r in columnar.rejected] == [per_record.value.reason]
+    assert per_record.value.reason.startswith("clean label header is not an integer")

@@ -103,6 +103,7 @@ class FakeBatches:
 class FakeSource:
     trouble = "watermarks: timed out"
     partition_count = 2
+    offset_resets: tuple[Any, ...] = ()
 
     def topic_partition_count(self) -> int | None:
         return 2

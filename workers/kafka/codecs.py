@@ -276,6 +276,9 @@ def _decode_record(rec: KafkaRecord, spec: CodecSpec) -> tuple[np.ndarray, int |
     else:
         x = _decode_image(_check_value(rec.value, spec, None), fmt, spec)
         y = _label(rec, fmt.label_from, spec)
+    # Checked in the columnar path's order (size, label, clean label, then finite values), so a
+    # record with several faults gets the same reason on either path.
+    _clean_label(rec, spec)
     if not np.isfinite(x).all():
         raise RecordRejected(_NON_FINITE)
     return x, y

@@ -14,11 +14,12 @@ ranks decide together (workers.train.decisions), so every rank stops with the re
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable, Iterable
-from typing import Any, Protocol
+from collections.abc import Iterable
+from typing import Any
 
 from ..errors import DeadLetterError, DeadLettersPending
 from .codecs import Rejection
+from .producing import Producer, produce_waiting
 
 DLQ_SUFFIX = ".dlq"
 # Header names on dead-lettered records; the original headers follow them unchanged.
@@ -29,18 +30,6 @@ OFFSET_HEADER = "cicw.dlq.source.offset"
 # Set when the value was left out because the producer may not send it (message.max.bytes); the
 # source topic, partition and offset headers still say where the record is.
 VALUE_DROPPED_HEADER = "cicw.dlq.value_dropped"
-
-
-class Producer(Protocol):
-    """The part of a Kafka producer the sink uses (confluent_kafka.Producer fits)."""
-
-    def produce(self, topic: str, *, value: bytes | None = ..., key: bytes | None = ...,
-                headers: Any = ...,  # list[tuple[str, bytes]]; Any so confluent_kafka's wider type fits
-                on_delivery: Callable[[Any, Any], None] | None = ...) -> None: ...
-
-    def poll(self, timeout: float = ...) -> int: ...
-
-    def flush(self, timeout: float = ...) -> int: ...
 
 
 def dlq_topic(topic: str) -> str:
@@ -81,11 +70,10 @@ class DeadLetterSink:
 
         while True:
             try:
-                self._producer.produce(topic, value=value, key=key, headers=headers, on_delivery=self._delivered)
+                produce_waiting(self._producer, topic, value=value, key=key, headers=headers,
+                                on_delivery=self._delivered)
                 self._in_flight += 1
                 return
-            except BufferError:  # the producer's local queue is full: let deliveries drain it
-                self._producer.poll(0.1)
             except KafkaException as exc:
                 if exc.args[0].code() != KafkaError.MSG_SIZE_TOO_LARGE or value is None:
                     # Not raised here, on one rank in the middle of a step: the job fails through

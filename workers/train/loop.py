@@ -363,11 +363,12 @@ class JobWorker:
     def window_fields(self) -> dict[str, Any]:
         """Counters plus the metrics of the steps since the last report, over all ranks (one
         all-reduce); adds the window's noise detection to the job's totals."""
-        *sums, lag = self.collectives.sum([*self.window.sums(), self.source.lag()])
+        *sums, lag, resets = self.collectives.sum([*self.window.sums(), self.source.lag(),
+                                                   len(self.source.offset_resets)])
         self.counters.noise.add(sums)
         c = self.counters
         return {"step": c.step, "examples": c.examples, "rejected": c.rejected, "lag": int(lag), "stalled_s": 0.0,
-                **self.window.summary(sums, c.noise)}
+                "offset_resets": int(resets), **self.window.summary(sums, c.noise)}
 
     def evaluate(self) -> dict[str, Any]:
         """Accuracy and loss on the clean evaluation set, summed over every rank's share."""
