@@ -104,3 +104,6 @@ class JobResult(BaseModel):
     checkpoint: str | None = Field(None, description="The latest durable checkpoint, the one a rerun resumes from.")
     checkpoint_step: NonNegativeInt | None = Field(None, description="The step that checkpoint was written at.")
     error: str | None = Field(None, description="Why the job failed (the workers' own exception).")
+    rank_errors: dict[int, str] = Field(
+        default_factory=dict, description="A failed job's exception (type: message) on each worker rank that raised "
+                                          "one (a rank missing here was stopped by Ray after another failed).")

@@ -241,7 +241,12 @@ def _result_of(job_id: str, storage: str, fit: _Fit, latest: JobReport | None) -
     """How the job ended, from fit()'s outcome and the last report received."""
     if fit.error is not None:
         durable = latest_checkpoint(storage, job_id)
+        from ray.train import WorkerGroupError
+
+        # Ray Train keeps each failed rank's exception (a controller failure has none).
+        per_rank = fit.error.worker_failures if isinstance(fit.error, WorkerGroupError) else {}
         return JobResult(job_id=job_id, state="failed", report=latest, error=_reason(fit.error),
+                         rank_errors={int(r): f"{type(exc).__name__}: {_reason(exc)}" for r, exc in per_rank.items()},
                          checkpoint=durable.location if durable else None,
                          checkpoint_step=durable.step if durable else None)
     result = fit.result

@@ -339,6 +339,24 @@ def test_broker_resume_beyond_the_end_fails_or_resets(kafka_broker: EmbeddedBrok
                for r in caplog.records if r.levelno == logging.WARNING)
 
 
+@pytest.mark.parametrize("client", CLIENTS)
+def test_broker_bounded_resume_past_a_trailing_watermark_reads_to_the_true_end(kafka_broker: EmbeddedBroker,
+                                                                              client: str) -> None:
+    # One producer batch: the embedded broker reports the high watermark as 1 (the batch's base
+    # offset + 1). A job resumed at 192 once took 192 >= 1 for "at the end" on its first empty
+    # fetch and finished without reading 192..479 (seen in a stop-and-resume job test).
+    name = f"res-{uuid.uuid4().hex[:10]}"
+    admin = AdminClient({"bootstrap.servers": kafka_broker.bootstrap})
+    admin.create_topics([NewTopic(name, num_partitions=1, replication_factor=1)])[name].result(timeout=10)
+    producer = Producer({"bootstrap.servers": kafka_broker.bootstrap, "linger.ms": 200})
+    for i in range(480):
+        producer.produce(name, value=str(i).encode(), partition=0)
+    assert producer.flush(10) == 0
+    with KafkaSource(_broker_spec(kafka_broker, name, client, stop_at="end"), resume_offsets={0: 192}) as source:
+        assert source.end_offsets == {0: 480}
+        assert _drain(source) == [(0, o) for o in range(192, 480)]
+
+
 class _HidingClient:
     """A real client whose metadata shows only the first ``visible[0]`` partitions: the embedded
     broker (Tansu 0.6) does not implement CreatePartitions, so growth is shown this way."""

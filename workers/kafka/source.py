@@ -218,8 +218,7 @@ class KafkaSource:
             self.positions = self._initial_positions(client)
             self._start_positions = dict(self.positions)
             if spec.stop_at == "end":
-                self.end_offsets = {p: client.watermarks(spec.topic, p, spec.metadata_timeout_s)[1]
-                                    for p in self.partitions}
+                self.end_offsets = self._end_offsets(client)
             if self.partitions:
                 client.assign(spec.topic, self.positions)
             elif spec.stop_at == "end":  # nothing to read unless partitions are adopted later
@@ -270,6 +269,18 @@ class KafkaSource:
             if not low <= out[p] <= high:
                 out[p] = self._out_of_range(p, out[p], low, high, "resume")
         return out
+
+    def _end_offsets(self, client: PartitionClient) -> dict[int, int]:
+        """Each partition's end now, for ``stop_at: end``. Where the start position is at or past
+        the reported high watermark, the true end is read (see :meth:`_true_ends`): on the embedded
+        broker the watermark can trail the end, and the first empty fetch would then end a
+        resumed job before it read a record."""
+        timeout = self.spec.metadata_timeout_s
+        ranges = {p: client.watermarks(self.spec.topic, p, timeout) for p in self.partitions}
+        ends = {p: high for p, (_, high) in ranges.items()}
+        ends.update(self._true_ends(client, {p: high for p, (low, high) in ranges.items()
+                                             if self.positions[p] >= high > low}))
+        return ends
 
     def _true_ends(self, client: PartitionClient, highs: dict[int, int]) -> dict[int, int]:
         """End offsets of these partitions, by reading the batch at each one's high watermark - 1.
