@@ -76,7 +76,7 @@ COMMIT_CLOSE_TIMEOUT_S = 5.0
 # the only reports it must see.
 log = logging.getLogger(__name__)
 
-__all__ = ["JobWorker", "build_learner", "build_optimizer", "restore", "train_loop_per_worker"]
+__all__ = ["JobWorker", "build_learner", "restore", "train_loop_per_worker"]
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
