@@ -3,7 +3,9 @@ batches are empty, and dead letters refused or pending on one rank only."""
 
 from __future__ import annotations
 
+import gc
 import socket
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -131,6 +133,11 @@ def _rank_main(rank: int, port: int, result_dir: str) -> None:
                    "ddp_default": _train_with_rank0_empty(rank, {}, merge=False),
                    "dead_letters": _dead_letter_outcomes(rank)}
         torch.save(results, Path(result_dir) / f"rank{rank}.pt")
+        # The DDP models must be gone before their process group, and neither rank may tear down
+        # while the other still works: one full-suite run saw a rank abort at this point
+        # ("terminate called without an active exception", a C++ thread destroyed unjoined).
+        gc.collect()
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
@@ -144,7 +151,14 @@ def _free_port() -> int:
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
     out = tmp_path_factory.mktemp("loop-dist")
-    mp.spawn(_rank_main, args=(_free_port(), str(out)), nprocs=WORLD, join=True)
+    try:
+        mp.spawn(_rank_main, args=(_free_port(), str(out)), nprocs=WORLD, join=True)
+    except mp.ProcessExitedException:
+        # A rank that died after both had saved their results crashed in gloo's teardown, which
+        # is not what these tests examine; a crash before that fails them here.
+        if not all((out / f"rank{r}.pt").exists() for r in range(WORLD)):
+            raise
+        warnings.warn("a gloo rank crashed at teardown after saving its results", stacklevel=1)
     return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
 
 
