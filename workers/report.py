@@ -26,10 +26,20 @@ def _finite_or_none(value: Any) -> Any:
     return value
 
 
-class CICWStepStats(BaseModel):
-    """What the weights did to the last global batch of the report (see cicw.CICWDiagnostics)."""
+class _Metrics(BaseModel):
+    """Frozen, closed to unknown fields, and every non-finite number read as None."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _finite(cls, value: Any) -> Any:
+        return _finite_or_none(value)
+
+
+class CICWStepStats(_Metrics):
+    """What the weights did to the last global batch of the report (see cicw.CICWDiagnostics)."""
+
     num_examples: NonNegativeFloat = Field(description="N, the global batch size.")
     ess: float | None = Field(None, description="Effective sample size of the instance weights, 1/sum w^2.")
     low_weight_fraction: float | None = Field(None, description="Fraction of examples with N*w < 1/4.")
@@ -43,15 +53,12 @@ class CICWStepStats(BaseModel):
     lam: float | None = Field(None, description="The instance-weight temperature in force.")
     in_burn_in: bool = Field(False, description="True while weights are still uniform (burn-in).")
 
-    _finite = field_validator("*", mode="before")(classmethod(lambda cls, v: _finite_or_none(v)))
 
-
-class JobReport(BaseModel):
+class JobReport(_Metrics):
     """One report of a job's workers: rank 0's view of global counters and of the metrics of the
     steps since the previous report. Counters (step, examples, rejected) are the job's totals
     across runs of the same job id; rates and averages cover the steps since the last report."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
 
     step: NonNegativeInt = Field(description="Optimizer steps taken.")
     examples: NonNegativeInt = Field(description="Records trained into the model.")
@@ -86,8 +93,6 @@ class JobReport(BaseModel):
         None, description="Partition -> next offset to read, as the checkpoint of this report holds them.")
     final: bool = Field(False, description="The job's last report.")
     stopped: str | None = Field(None, description="The stop request's reason, when a stop ended the job.")
-
-    _finite = field_validator("*", mode="before")(classmethod(lambda cls, v: _finite_or_none(v)))
 
 
 class JobResult(BaseModel):
