@@ -61,6 +61,13 @@ class CheckpointList(_Out):
     items: list[CheckpointRef]
 
 
+class LastCheckpoint(_Out):
+    """The job's latest durable checkpoint, as its reports announced it."""
+
+    step: NonNegativeInt
+    written_at: datetime | None = None
+
+
 class JobProgress(_Out):
     """How far a job got, from its latest report."""
 
@@ -72,7 +79,7 @@ class JobProgress(_Out):
     records_per_s: float | None = None
     last_report: JobReport | None = None
     last_report_at: datetime | None = None
-    last_checkpoint: CheckpointRef | None = None
+    last_checkpoint: LastCheckpoint | None = None
 
 
 class JobOut(_Out):
