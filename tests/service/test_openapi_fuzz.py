@@ -5,7 +5,6 @@ The app runs on a real SQLite store with the in-memory launcher (jobs are not tr
 from __future__ import annotations
 
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 import schemathesis
