@@ -1,15 +1,20 @@
 """The ``cicw-stream`` command line. Subcommands import what they need lazily, so ``--help`` is fast
-and a subcommand never pulls in HTTP code it does not use."""
+and a subcommand never pulls in HTTP code it does not use. The commands that drive the service
+over REST live in ``service.rest_cli`` (exit codes documented there)."""
 
 from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from importlib.metadata import PackageNotFoundError, version
 from typing import TYPE_CHECKING
 
+from service.rest_cli import add_rest_commands
+
 if TYPE_CHECKING:
+    import httpx
+
     from workers.report import JobResult
 
 
@@ -223,11 +228,19 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--json", action="store_true", help="print the final summary as JSON")
     demo.add_argument("--quiet", action="store_true", help="no progress line (stderr)")
     demo.set_defaults(run=_demo)
+    add_rest_commands(sub)  # submit, jobs, status, stop, resume, delete, checkpoints, download, model, ...
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None, *, transport: httpx.BaseTransport | None = None,
+         sleep: Callable[[float], None] | None = None) -> int:
+    """Run one command. The REST commands talk through ``transport`` when given (tests: an
+    httpx.MockTransport) and wait between ``status --watch`` polls with ``sleep``."""
     args = build_parser().parse_args(argv)
+    if getattr(args, "rest", None) is not None:
+        from service.rest_cli import run
+
+        return run(args, transport=transport, sleep=sleep)
     return int(args.run(args) or 0)
 
 
