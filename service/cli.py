@@ -11,6 +11,7 @@ from importlib.metadata import PackageNotFoundError, version
 from typing import TYPE_CHECKING
 
 from service.rest_cli import add_rest_commands
+from service.server import add_parser as add_serve_parser
 
 if TYPE_CHECKING:
     import httpx
@@ -228,6 +229,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--json", action="store_true", help="print the final summary as JSON")
     demo.add_argument("--quiet", action="store_true", help="no progress line (stderr)")
     demo.set_defaults(run=_demo)
+    add_serve_parser(sub)
     add_rest_commands(sub)  # submit, jobs, status, stop, resume, delete, checkpoints, download, model, ...
     return parser
 

@@ -9,10 +9,8 @@ import argparse
 import logging
 import sys
 
-from pydantic import ValidationError
-
-from .core.config import DEFAULT_PORT, Settings
-from .core.security import TokenConfigError
+# Only the standard library at import: `cicw-stream --help` must stay fast.
+DEFAULT_PORT = 8321
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -36,9 +34,11 @@ def _show_token(token: str) -> None:
 
 def run_serve(args: argparse.Namespace) -> int:
     import uvicorn
+    from pydantic import ValidationError
 
     from .app import create_app
-    from .core.security import load_tokens
+    from .core.config import Settings
+    from .core.security import TokenConfigError, load_tokens
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, SecretStr
 
-DEFAULT_PORT = 8321
+from service.server import DEFAULT_PORT
 
 
 class Settings(BaseModel):
