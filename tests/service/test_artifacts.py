@@ -17,6 +17,7 @@ import sys
 import tarfile
 import uuid
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -266,6 +267,14 @@ def test_the_cache_loads_the_checkpoints_model_and_keeps_the_most_recent(job: Jo
     assert len(cache) == 2 and cache.load(job.spec, locations[0]) is not loaded
 
 
+def test_threads_loading_one_checkpoint_at_once_share_one_model(job: Job) -> None:
+    location = resolve_checkpoint(job.storage, job.spec.job_id, "latest")
+    cache = ModelCache()
+    with ThreadPoolExecutor(4) as pool:
+        models = list(pool.map(lambda _: cache.load(job.spec, location), range(4)))
+    assert len(cache) == 1 and all(m is models[0] for m in models)
+
+
 def test_a_checkpoint_that_does_not_load_is_model_unavailable(job: Job, tmp_path: Path) -> None:
     storage = _copy(job, tmp_path)
     location = resolve_checkpoint(storage, job.spec.job_id, "latest")
@@ -403,7 +412,7 @@ def test_checkpoints_on_s3_are_listed_archived_and_loaded(job: Job, s3_endpoint:
 
     assert list_checkpoints(storage, job.spec.job_id) == list_checkpoints(job.storage, job.spec.job_id)
     local = checkpoint_detail(job.storage, job.spec.job_id, "latest")
-    assert checkpoint_detail(storage, job.spec.job_id, local.id) == local
+    assert checkpoint_detail(storage, job.spec.job_id, "latest") == local  # Ray's registry, read from the bucket
     location = resolve_checkpoint(storage, job.spec.job_id, local.id)
     assert location.startswith(f"s3://key:secret@{bucket}/{prefix}/{job.spec.job_id}/{local.id}?endpoint_override=")
     assert display_location(location) == f"s3://{bucket}/{prefix}/{job.spec.job_id}/{local.id}"
