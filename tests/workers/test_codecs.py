@@ -18,7 +18,7 @@ from confluent_kafka.admin import AdminClient, NewTopic
 from PIL import Image
 
 from workers.kafka.broker import EmbeddedBroker
-from workers.kafka.codecs import RecordRejected, _clean_label, decode_batch, decode_record
+from workers.kafka.codecs import RecordRejected, _clean_label, decode_batch, decode_features, decode_record
 from workers.kafka.dead_letters import OFFSET_HEADER, PARTITION_HEADER, REASON_HEADER, DeadLetterSink, dlq_topic
 from workers.kafka.records import CodecSpec, ImageFormat, KafkaRecord, RawFormat, RecordChunk
 
@@ -309,3 +309,32 @@ def test_a_record_with_several_faults_gets_the_same_reason_on_both_paths() -> No
         decode_record(bad, spec)
     assert [r.reason for r in columnar.rejected] == [per_record.value.reason]
     assert per_record.value.reason.startswith("clean label header is not an integer")
+
+
+def test_decode_features_reads_a_value_without_its_label_and_agrees_with_decode_record() -> None:
+    # What the service predicts on: a value alone. Its features are decode_record's, a json
+    # value's y is optional and ignored, and every value check rejects with the same reason.
+    json_spec = CodecSpec(input_shape=(2, 2), num_classes=3)
+    labelled = json.dumps({"x": [[1, 2], [3, 4]], "y": 2}).encode()
+    np.testing.assert_array_equal(decode_features(labelled, json_spec), decode_record(_rec(labelled), json_spec)[0])
+    for value in (json.dumps({"x": [1, 2, 3, 4]}).encode(), json.dumps({"x": [1, 2, 3, 4], "y": "junk"}).encode()):
+        x = decode_features(value, json_spec)
+        assert x.dtype == np.float32 and x.tolist() == [[1.0, 2.0], [3.0, 4.0]]
+    raw_spec = CodecSpec(format=RawFormat(dtype="uint8", scale=0.5), input_shape=(3,), num_classes=4)
+    raw = bytes([2, 4, 6])
+    np.testing.assert_array_equal(decode_features(raw, raw_spec), decode_record(_rec(raw, label=1), raw_spec)[0])
+    image_spec = CodecSpec(format=ImageFormat(), input_shape=(3, 8, 8), num_classes=10)
+    np.testing.assert_array_equal(decode_features(_png((8, 8)), image_spec),
+                                  decode_record(_rec(_png((8, 8)), label=0), image_spec)[0])
+    # json values carry a valid y so that decode_record's label check passes and the reasons compare.
+    bad = [(json.dumps({"x": [1, 2, 3], "y": 1}).encode(), json_spec), (json.dumps({"y": 1}).encode(), json_spec),
+           (b"{not json", json_spec), (json.dumps({"x": [1, 2, float("nan"), 4], "y": 1}).encode(), json_spec),
+           (bytes([1, 2]), raw_spec), (None, raw_spec), (_png((9, 8)), image_spec), (b"\x89PNG junk", image_spec)]
+    for value, spec in bad:
+        with pytest.raises(RecordRejected) as features:
+            decode_features(value, spec)
+        with pytest.raises(RecordRejected) as record:
+            decode_record(_rec(value, label=1), spec)
+        assert features.value.reason == record.value.reason
+    with pytest.raises(RecordRejected, match=r"invalid field\(s\): x"):
+        decode_features(json.dumps({"y": 1}).encode(), json_spec)

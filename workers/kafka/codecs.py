@@ -17,10 +17,11 @@ import math
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import numpy as np
 import torch
-from pydantic import ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError
 from torch import Tensor
 
 from ..errors import RecordRejected
@@ -268,10 +269,7 @@ def _decode_record(rec: KafkaRecord, spec: CodecSpec) -> tuple[np.ndarray, int |
     if isinstance(fmt, JsonFormat):
         x, y = _decode_json(_check_value(rec.value, spec, None), spec)
     elif isinstance(fmt, RawFormat):
-        dtype, expected = _raw_layout(fmt, spec)
-        value = _check_value(rec.value, spec, expected)
-        x = np.frombuffer(value, dtype=dtype).astype(np.float32).reshape(spec.input_shape)
-        x = x * np.float32(fmt.scale) if fmt.scale != 1.0 else x
+        x = _raw_features(rec.value, fmt, spec)
         y = _label(rec, fmt.label_from, spec)
     else:
         x = _decode_image(_check_value(rec.value, spec, None), fmt, spec)
@@ -284,9 +282,62 @@ def _decode_record(rec: KafkaRecord, spec: CodecSpec) -> tuple[np.ndarray, int |
     return x, y
 
 
-def _decode_json(value: bytes, spec: CodecSpec) -> tuple[np.ndarray, int | np.ndarray]:
+def decode_features(value: bytes | None, spec: CodecSpec) -> np.ndarray:
+    """The features (float32, ``spec.input_shape``) of one record's value, without its label:
+    what a model is given to predict on. Runs the checks :func:`decode_record` runs on a value
+    (size, JSON fields and shape, image header and size, finite numbers); a json value may omit
+    ``y`` and any ``y`` it has is ignored. Raw and image labels live in headers or the key, never
+    in the value, so nothing is needed for them.
+
+    Raises RecordRejected with the reason, whatever ``value`` holds (any other exception its bytes
+    provoke is turned into one, as in :func:`decode_record`).
+    """
     try:
-        parsed = JsonValue.model_validate(json.loads(value))
+        with np.errstate(over="ignore", invalid="ignore"):
+            x = _features(value, spec)
+    except RecordRejected:
+        raise
+    except Exception as exc:
+        raise RecordRejected(rejection_reason(exc)) from exc
+    if not np.isfinite(x).all():
+        raise RecordRejected(_NON_FINITE)
+    return x
+
+
+def _features(value: bytes | None, spec: CodecSpec) -> np.ndarray:
+    fmt = spec.format
+    if isinstance(fmt, JsonFormat):
+        return _json_features(_parse_json(_check_value(value, spec, None), _JsonFeatures).x, spec)
+    if isinstance(fmt, RawFormat):
+        return _raw_features(value, fmt, spec)
+    return _decode_image(_check_value(value, spec, None), fmt, spec)
+
+
+def _raw_features(value: bytes | None, fmt: RawFormat, spec: CodecSpec) -> np.ndarray:
+    dtype, expected = _raw_layout(fmt, spec)
+    x = np.frombuffer(_check_value(value, spec, expected), dtype=dtype).astype(np.float32).reshape(spec.input_shape)
+    return x * np.float32(fmt.scale) if fmt.scale != 1.0 else x
+
+
+class _JsonFeatures(BaseModel):
+    """A json value read for its features alone: ``y`` (and anything else) is ignored."""
+
+    model_config = ConfigDict(extra="ignore")
+    x: float | list
+
+
+_Parsed = TypeVar("_Parsed", JsonValue, _JsonFeatures)
+
+
+def _decode_json(value: bytes, spec: CodecSpec) -> tuple[np.ndarray, int | np.ndarray]:
+    parsed = _parse_json(value, JsonValue)
+    return _json_features(parsed.x, spec), _validate_label(parsed.y, spec)
+
+
+def _parse_json(value: bytes, model: type[_Parsed]) -> _Parsed:
+    """``value`` parsed as JSON and validated as ``model``; RecordRejected naming what is wrong."""
+    try:
+        return model.model_validate(json.loads(value))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise RecordRejected(f"value is not JSON: {exc}") from exc
     except ValidationError as exc:  # before ValueError, its base class
@@ -297,8 +348,12 @@ def _decode_json(value: bytes, spec: CodecSpec) -> tuple[np.ndarray, int | np.nd
     except ValueError as exc:  # not a JSONDecodeError: an integer literal past int_max_str_digits
         raise RecordRejected(f"value is JSON this codec cannot read (ValueError: "
                              f"{str(exc)[:_REASON_MESSAGE_CHARS]})") from exc
+
+
+def _json_features(raw_x: float | list, spec: CodecSpec) -> np.ndarray:
+    """A json value's ``x`` as float32 of ``spec.input_shape``; RecordRejected if it is not."""
     try:
-        x = np.asarray(parsed.x)  # no dtype: numpy would parse strings such as "nan" as floats
+        x = np.asarray(raw_x)  # no dtype: numpy would parse strings such as "nan" as floats
     except (ValueError, TypeError) as exc:
         raise RecordRejected(f"x is not a rectangular array of numbers: {exc}") from exc
     if x.dtype.kind not in "iuf":
@@ -306,7 +361,7 @@ def _decode_json(value: bytes, spec: CodecSpec) -> tuple[np.ndarray, int | np.nd
     x = x.astype(np.float32)
     if x.size != math.prod(spec.input_shape):
         raise RecordRejected(f"x has shape {list(x.shape)}, expected {list(spec.input_shape)}")
-    return x.reshape(spec.input_shape), _validate_label(parsed.y, spec)
+    return x.reshape(spec.input_shape)
 
 
 def _decode_image(value: bytes, fmt: ImageFormat, spec: CodecSpec) -> np.ndarray:
