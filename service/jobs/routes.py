@@ -131,7 +131,7 @@ def _latest_model(job_id: str, state: StateDep):  # type: ignore[no-untyped-def]
 def get_model_card(job_id: JobId, _: ReadAccess, state: StateDep) -> ModelCard:
     """What the latest model is (architecture, classes, input) and how good (accuracies, noise)."""
     row, spec, loaded = _latest_model(job_id, state)
-    return model_card(spec, loaded, row.last_report, row.spec_hash)
+    return model_card(spec, loaded, state.jobs.latest_training_report(row), row.spec_hash)
 
 
 @router.get("/{job_id}/model/weights", responses={
@@ -141,7 +141,7 @@ def get_model_card(job_id: JobId, _: ReadAccess, state: StateDep) -> ModelCard:
 def get_model_weights(job_id: JobId, _: ReadAccess, state: StateDep) -> Response:
     """The latest model's weights as safetensors."""
     row, spec, loaded = _latest_model(job_id, state)
-    body = safetensors_bytes(loaded, model_card(spec, loaded, row.last_report, row.spec_hash))
+    body = safetensors_bytes(loaded, model_card(spec, loaded, state.jobs.latest_training_report(row), row.spec_hash))
     return Response(body, media_type="application/octet-stream",
                     headers={"Content-Disposition": f'attachment; filename="{job_id}.safetensors"'})
 

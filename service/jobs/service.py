@@ -16,7 +16,7 @@ from datetime import UTC, datetime
 from typing import Protocol
 
 from workers.errors import CicwStreamError
-from workers.report import JobResult
+from workers.report import JobReport, JobResult
 from workers.spec import JobSpec
 
 from .driver import DriverExists, DriverSnapshot
@@ -70,6 +70,20 @@ class JobService:
 
     def spec_of(self, row: JobRow) -> JobSpec:
         return JobSpec.model_validate(row.spec)
+
+    def latest_training_report(self, row: JobRow, *, look_back: int = 200) -> JobReport | None:
+        """The newest report that covers training steps (a job's final report covers none, so
+        its weight statistics and prequential accuracy are empty): what a model card shows."""
+        if row.last_report is None or row.last_report.cicw is not None:
+            return row.last_report
+        points, _ = self.repo.series(row.id, look_back)
+        trained = [report for _at, _run, report in points if report.cicw is not None]
+        if not trained:
+            return row.last_report
+        # Counters and evaluation from the last report, the step metrics from the last step's.
+        return trained[-1].model_copy(update={k: getattr(row.last_report, k) for k in (
+            "step", "examples", "rejected", "eval_accuracy", "eval_loss", "eval_examples", "checkpoint_step")
+            if getattr(row.last_report, k) is not None})
 
     def stop(self, job_id: str, reason: str) -> JobRow:
         """Ask a PENDING or RUNNING job to checkpoint and stop (STOPPING until it did; asking a
