@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from .class_weights import CLASS_DIVERGENCES, ClassDivergence, class_reweighted_loss
-    from .config import CICWConfig
+    from .config import WEIGHT_HISTOGRAM_EDGES, CICWConfig
     from .diagnostics import CICWDiagnostics
     from .instance import INSTANCE_DIVERGENCES, InstanceDivergence, instance_weights
     from .loss import CICWLoss, CICWOutput
@@ -23,7 +23,7 @@ if TYPE_CHECKING:
 
 _HOME = {
     "CLASS_DIVERGENCES": "class_weights", "ClassDivergence": "class_weights", "class_reweighted_loss": "class_weights",
-    "CICWConfig": "config",
+    "CICWConfig": "config", "WEIGHT_HISTOGRAM_EDGES": "config",
     "CICWDiagnostics": "diagnostics",
     "INSTANCE_DIVERGENCES": "instance", "InstanceDivergence": "instance", "instance_weights": "instance",
     "CICWLoss": "loss", "CICWOutput": "loss",
@@ -35,6 +35,7 @@ __all__ = [
     "CLASS_DIVERGENCES",
     "INSTANCE_DIVERGENCES",
     "MIXUP_MODES",
+    "WEIGHT_HISTOGRAM_EDGES",
     "CICWConfig",
     "CICWDiagnostics",
     "CICWLoss",

@@ -9,6 +9,11 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 Method = Literal["ce", "mixup", "gce", "ciw", "cicw", "ciw_m", "cicw_m"]
 MixupMode = Literal["sample_weight", "sample", "weight", "simple", "label_smoothing"]
 
+# Bin edges of the diagnostics' histogram of n * w (1 = the uniform weight): it reads the same
+# whatever the batch size. Bins are [edge_i, edge_i+1). Here, not in diagnostics.py, so readers
+# of reports (the service's metrics) have them without importing torch.
+WEIGHT_HISTOGRAM_EDGES = (0.0, 0.125, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0, float("inf"))
+
 
 class CICWConfig(BaseModel):
     """How a batch's loss is formed.

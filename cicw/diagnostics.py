@@ -7,8 +7,9 @@ from functools import cached_property
 import torch
 from torch import Tensor
 
-# Edges for n * w (1 = the uniform weight): the histogram reads the same whatever the batch size.
-WEIGHT_HISTOGRAM_EDGES = (0.0, 0.125, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0, float("inf"))
+from .config import WEIGHT_HISTOGRAM_EDGES
+
+__all__ = ["WEIGHT_HISTOGRAM_EDGES", "CICWDiagnostics"]
 
 
 class CICWDiagnostics:

@@ -1,7 +1,8 @@
 """What a running job says about itself, and how it ended: one definition of every field, read by
 the CLI's progress line and summary, and by the service's store, metrics and dashboard.
 
-Imports pydantic only (no torch, Ray or Kafka client): the service reads reports without them.
+Imports pydantic and cicw.config only (no torch, Ray or Kafka client): the service reads reports
+without them.
 Non-finite numbers become None (``null`` in JSON): a metric that is undefined (no clean labels
 yet, no step since the last report) is absent, never ``NaN``, so ``--json`` output is valid JSON.
 """
@@ -11,11 +12,17 @@ from __future__ import annotations
 import math
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, NonNegativeFloat, NonNegativeInt, field_validator
+from pydantic import BaseModel, ConfigDict, Field, NonNegativeFloat, NonNegativeInt, field_validator, model_validator
+
+from cicw.config import WEIGHT_HISTOGRAM_EDGES
 
 JobState = Literal["finished", "stopped", "failed"]
 # A job's state while it runs (pending: submitted, no report from its workers yet), then how it ended.
 JobStatus = Literal["pending", "running", "finished", "stopped", "failed"]
+# Upper edges (seconds) of the optimizer-step duration histogram, the ``le`` buckets of the
+# service's cicw_step_duration_seconds: 5 ms (a small MLP step on a CPU) to 10 s (a large model
+# on a slow device); a last, open bin holds the steps above 10 s.
+STEP_SECONDS_EDGES = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 
 def _finite_or_none(value: Any) -> Any:
@@ -53,18 +60,30 @@ class CICWStepStats(_Metrics):
     lam: float | None = Field(None, description="The instance-weight temperature in force.")
     in_burn_in: bool = Field(False, description="True while weights are still uniform (burn-in).")
 
+    @field_validator("weight_histogram")
+    @classmethod
+    def _one_count_per_bin(cls, counts: list[float]) -> list[float]:
+        bins = len(WEIGHT_HISTOGRAM_EDGES) - 1
+        if counts and len(counts) != bins:
+            raise ValueError(f"has {len(counts)} counts; cicw's WEIGHT_HISTOGRAM_EDGES make {bins} bins")
+        return counts
+
 
 class JobReport(_Metrics):
     """One report of a job's workers: rank 0's view of global counters and of the metrics of the
     steps since the previous report. Counters (step, examples, rejected) are the job's totals
-    across runs of the same job id; rates and averages cover the steps since the last report."""
-
+    across runs of the same job id; rates and averages cover the steps since the last report;
+    the step-time histogram and checkpoint time cover the current run of the workers (they start
+    again from zero when the workers restart or the job resumes)."""
 
     step: NonNegativeInt = Field(description="Optimizer steps taken.")
     examples: NonNegativeInt = Field(description="Records trained into the model.")
     rejected: NonNegativeInt = Field(0, description="Records sent to the dead-letter topic.")
     lag: NonNegativeInt | None = Field(None, description="Records on the job's partitions not yet read, by "
                                                          "the last known end offsets.")
+    lag_per_partition: dict[NonNegativeInt, NonNegativeInt] = Field(
+        default_factory=dict, description="Partition -> records not yet read (``lag`` per partition, every rank's "
+                                          "partitions); a partition whose end offset is not known yet is absent.")
     records_per_s: float | None = Field(None, description="Records trained per second since the last report.")
     loss: float | None = Field(None, description="Mean weighted training loss since the last report.")
     prequential_accuracy: float | None = Field(
@@ -87,12 +106,36 @@ class JobReport(_Metrics):
     stall_reason: str | None = Field(None, description="The client's error while stalled.")
     checkpoint_step: NonNegativeInt | None = Field(
         None, description="Set when this report was written with a durable checkpoint at this step.")
+    checkpoint_seconds: NonNegativeFloat | None = Field(
+        None, description="Wall time rank 0 took to write the latest checkpoint of this run of the workers (from "
+                          "flushing its dead letters to its directory written; the upload to checkpoint storage "
+                          "that follows is not included). Set on the report written with a checkpoint and kept "
+                          "in later reports; None before the run's first checkpoint.")
     checkpoint_postponed: str | None = Field(
         None, description="Why a due checkpoint was put off (dead letters not yet delivered).")
     offsets: dict[int, NonNegativeInt] | None = Field(
         None, description="Partition -> next offset to read, as the checkpoint of this report holds them.")
+    step_seconds_buckets: list[NonNegativeInt] = Field(
+        default_factory=list, description="Rank 0's optimizer steps by wall time since its workers (re)started: "
+                                          "one count per bin of STEP_SECONDS_EDGES (seconds <= edge, above the "
+                                          "previous edge), then the steps above the last edge. Empty in reports "
+                                          "of workers older than this field.")
+    step_seconds_sum: NonNegativeFloat = Field(0.0, description="Total wall time of the steps counted in "
+                                                                "step_seconds_buckets.")
+    step_seconds_count: NonNegativeInt = Field(0, description="Steps counted in step_seconds_buckets.")
     final: bool = Field(False, description="The job's last report.")
     stopped: str | None = Field(None, description="The stop request's reason, when a stop ended the job.")
+
+    @model_validator(mode="after")
+    def _step_histogram_adds_up(self) -> JobReport:
+        buckets = self.step_seconds_buckets
+        if buckets and len(buckets) != len(STEP_SECONDS_EDGES) + 1:
+            raise ValueError(f"step_seconds_buckets has {len(buckets)} counts; STEP_SECONDS_EDGES has "
+                             f"{len(STEP_SECONDS_EDGES)} edges, so it needs {len(STEP_SECONDS_EDGES) + 1}")
+        if sum(buckets) != self.step_seconds_count:
+            raise ValueError(f"step_seconds_buckets add up to {sum(buckets)}, step_seconds_count is "
+                             f"{self.step_seconds_count}")
+        return self
 
 
 class JobResult(BaseModel):

@@ -114,8 +114,8 @@ class FakeSource:
     def stalled_for(self) -> float:
         return 2.0  # stalled, not past the deadline: idle reports carry the stall
 
-    def lag(self) -> int:
-        return 3
+    def lag_by_partition(self) -> dict[int, int]:
+        return {1: 3}
 
     def close(self) -> None:
         pass
@@ -177,6 +177,7 @@ def test_the_loop_hands_collectives_only_tensors_on_the_training_device(lazy: to
     assert [r.checkpoint_step for r, _ in persisted] == [2, 4, 4] and persisted[-1][0].final
     assert persisted[0][0].offsets == {1: 12} and persisted[-1][0].offsets == {1: 22}  # 7 + 5 + 1 garbage
     assert persisted[-1][0].eval_examples == 5 and persisted[-1][0].rejected == 1
+    assert persisted[-1][0].lag_per_partition == {1: 3} and persisted[-1][0].lag == 3
     assert worker.counters.examples == 21 and worker.counters.step == 4
     assert len(worker.dead_letters._producer.letters) == 1  # type: ignore[attr-defined]
 

@@ -70,6 +70,13 @@ def test_bounded_job_consumes_every_record_once_and_checkpoints_offsets(
     weights = [r.cicw for r in reports if r.cicw is not None]  # the step reports carry the weights' stats
     assert weights and not weights[-1].in_burn_in and sum(weights[-1].weight_histogram) == weights[-1].num_examples
     assert reports[-1].final and [r.step for r in reports] == sorted(r.step for r in reports)
+    # What the service's metrics read: the lag of every partition (both ranks' partitions: rank 0
+    # reads 0 and 2, rank 1 reads 1), rank 0's step times, the time of the latest checkpoint.
+    assert report.lag_per_partition == {0: 0, 1: 0, 2: 0} and report.lag == 0
+    assert 0 < report.step_seconds_count <= report.step and report.step_seconds_sum > 0
+    checkpointed = [r for r in reports if r.checkpoint_step is not None]
+    assert checkpointed and all(r.checkpoint_seconds is not None for r in checkpointed)
+    assert report.checkpoint_seconds is not None and report.checkpoint_seconds > 0
     # 600 records round-robin (offsets 0-199 on each partition), then 1 garbage each (offset 200):
     # the model trained every good record once, and every bad one is on the dead-letter topic.
     lineage = _lineage(tmp_path / "records")

@@ -512,8 +512,12 @@ class KafkaSource:
 
     def lag(self) -> int:
         """Records on this rank's partitions not yet handed out, by the last known end offsets."""
-        return sum(max(high - self.positions.get(p, self._start_positions.get(p, high)), 0)
-                   for p, high in list(self._high.items()))
+        return sum(self.lag_by_partition().values())
+
+    def lag_by_partition(self) -> dict[int, int]:
+        """:meth:`lag` per partition of this rank whose end offset is known."""
+        return {p: max(high - self.positions.get(p, self._start_positions.get(p, high)), 0)
+                for p, high in list(self._high.items())}
 
     def _drop_too_old(self, chunk: RecordChunk) -> RecordChunk:
         keep = [i for i, (p, o, ts) in enumerate(zip(chunk.partition_array.tolist(), chunk.offset_array.tolist(),

@@ -51,7 +51,7 @@ from .collectives import DDP_OPTIONS, Collectives
 from .control import StopWatch
 from .decisions import DeadLetterStatus, StepDecision, StepSignals, refused_anywhere
 from .evaluation import log_rejections, read_eval_set, score
-from .metrics import MetricWindow
+from .metrics import MetricWindow, StepTimes, lag_from_vector, lag_vector
 from .models import build_model
 from .partitions import PartitionWatch
 from .randomness import WorkerRandomness, seed_model_init
@@ -211,6 +211,8 @@ class JobWorker:
         self.resumed_from = self.counters.step
         self.nothing = decode_batch([], spec.codec)
         self.window = MetricWindow()
+        self.step_times = StepTimes()  # this run's, never reset (a Prometheus histogram)
+        self.checkpoint_seconds: float | None = None  # the latest checkpoint write of this run
         self.last_checkpoint = self.last_idle_report = time.monotonic()
         self.checkpoint_owed = False  # a due checkpoint was postponed: try again at the next step
         self.stop_reason: str | None = None
@@ -313,7 +315,8 @@ class JobWorker:
         self.window, self.last_idle_report = MetricWindow(), time.monotonic()
 
     def train(self, records: Sequence[KafkaRecord] | None, batch: DecodedBatch, decision: StepDecision) -> StepResult:
-        """One optimizer step on this rank's batch; counters, metric window and record log."""
+        """One optimizer step on this rank's batch; counters, metric window, step time and record log."""
+        started = time.perf_counter()
         result = self.learner.step(batch.inputs, batch.targets)
         self.rows_since_norm_sync += len(batch)
         self.counters.step += 1
@@ -321,6 +324,9 @@ class JobWorker:
         self.window.observe(loss=result.out.loss, targets=result.targets, clean_labels=batch.clean_labels,
                             logits=result.out.logits, weights=result.out.weights,
                             global_examples=decision.examples, weights_active=result.weights_active)
+        # Timed past observe(), which reads the loss back: on a GPU the step's kernels have run
+        # by then, so this is the step's time, not the time to launch it.
+        self.step_times.observe(time.perf_counter() - started)
         if self.record_log is not None:
             trained = [[r.partition, r.offset] for r in (records or [])
                        if all(r is not rej.record for rej in batch.rejected)]
@@ -364,14 +370,24 @@ class JobWorker:
     # -- reports --------------------------------------------------------------------------------
 
     def window_fields(self) -> dict[str, Any]:
-        """Counters plus the metrics of the steps since the last report, over all ranks (one
-        all-reduce); adds the window's noise detection to the job's totals."""
-        *sums, lag, resets = self.collectives.sum([*self.window.sums(), self.source.lag(),
-                                                   len(self.source.offset_resets)])
+        """Counters plus the metrics of the steps since the last report, over all ranks (two
+        all-reduces); adds the window's noise detection to the job's totals."""
+        mine, lag = self.window.sums(), self.source.lag_by_partition()
+        size = self.lag_vector_size(lag)
+        summed = self.collectives.sum([*mine, len(self.source.offset_resets), *lag_vector(lag, size)])
+        sums, resets, per_partition = summed[:len(mine)], summed[len(mine)], lag_from_vector(summed[len(mine) + 1:])
         self.counters.noise.add(sums)
         c = self.counters
-        return {"step": c.step, "examples": c.examples, "rejected": c.rejected, "lag": int(lag), "stalled_s": 0.0,
-                "offset_resets": int(resets), **self.window.summary(sums, c.noise)}
+        return {"step": c.step, "examples": c.examples, "rejected": c.rejected, "stalled_s": 0.0,
+                "lag": sum(per_partition.values()), "lag_per_partition": per_partition,
+                "offset_resets": int(resets), "checkpoint_seconds": self.checkpoint_seconds,
+                **self.step_times.fields(), **self.window.summary(sums, c.noise)}
+
+    def lag_vector_size(self, lag: dict[int, int]) -> int:
+        """The size of the per-partition lag vector, the same on every rank (one all-reduce): each
+        rank read the topic's metadata on its own at start, so until the first checkpoint their
+        partition counts can differ."""
+        return int(self.collectives.max(float(max(self.partition_count, max(lag, default=-1) + 1))))
 
     def evaluate(self) -> dict[str, Any]:
         """Accuracy and loss on the clean evaluation set, summed over every rank's share."""
@@ -396,6 +412,7 @@ class JobWorker:
         """Write a checkpoint (Steps 1-4 of the module docstring) with the report ``fields``.
         False when it was postponed: some rank's dead letters are not delivered yet (broker
         unreachable), and a checkpoint past them could lose them."""
+        started = time.perf_counter()
         dead_letters = DeadLetterStatus.after_flush(  # Step 1
             self.dead_letters, DLQ_FINAL_FLUSH_S if final else DLQ_PERIODIC_FLUSH_S).agree(self.collectives)
         dead_letters.raise_if_refused()
@@ -411,7 +428,10 @@ class JobWorker:
         offsets, rng = self.gather_positions()
         self.partition_count = max(self.partition_count, max(offsets, default=-1) + 1)
         directory = self.write_checkpoint(offsets, rng) if self.rank == 0 else None  # Step 2
-        report = JobReport(**fields, checkpoint_step=self.counters.step, offsets=offsets)
+        # Steps 1-2: the report goes to Ray Train with the checkpoint, before the upload is timed.
+        self.checkpoint_seconds = time.perf_counter() - started
+        report = JobReport(**{**fields, "checkpoint_seconds": self.checkpoint_seconds},
+                           checkpoint_step=self.counters.step, offsets=offsets)
         self.reporter.persist(report, directory)  # Step 3
         self.reporter.publish(report)
         if self.committer is not None and offsets:  # Step 4, in the background: never blocks training

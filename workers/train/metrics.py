@@ -1,14 +1,20 @@
 """What a job reports between two reports: prequential (test-then-train) accuracy, loss, records/s,
 and how well the weights find known label noise. Sums are kept per rank and added over ranks by
-the caller, so the reported numbers are global."""
+the caller, so the reported numbers are global. Also what a report carries over the whole run:
+the optimizer-step time histogram (:class:`StepTimes`), and the consumer lag per partition packed
+for a sum over ranks (:func:`lag_vector`, :func:`lag_from_vector`)."""
 
 from __future__ import annotations
 
+import bisect
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from torch import Tensor
+
+from ..report import STEP_SECONDS_EDGES
 
 # An example counts as "down-weighted" when its weight is under a quarter of uniform (n*w < 1/4),
 # the same threshold as the CICW diagnostics' low-weight fraction.
@@ -91,3 +97,41 @@ class NoiseTotals:
         self.down += int(g["down"])
         self.corrupted += int(g["corrupted"])
         self.hit += int(g["hit"])
+
+
+@dataclass
+class StepTimes:
+    """Optimizer-step wall times since this worker started, as a histogram over
+    workers.report.STEP_SECONDS_EDGES (never reset by a report: the service exposes it as a
+    Prometheus histogram, whose buckets only grow)."""
+
+    buckets: list[int] = field(default_factory=lambda: [0] * (len(STEP_SECONDS_EDGES) + 1))
+    total_s: float = 0.0
+    count: int = 0
+
+    def observe(self, seconds: float) -> None:
+        """Count one step: in the first bin whose edge is >= ``seconds`` (Prometheus ``le``), or the last."""
+        self.buckets[bisect.bisect_left(STEP_SECONDS_EDGES, seconds)] += 1
+        self.total_s += seconds
+        self.count += 1
+
+    def fields(self) -> dict[str, Any]:
+        """The JobReport fields step_seconds_buckets, step_seconds_sum and step_seconds_count."""
+        return {"step_seconds_buckets": list(self.buckets), "step_seconds_sum": self.total_s,
+                "step_seconds_count": self.count}
+
+
+def lag_vector(lag: Mapping[int, int], size: int) -> list[float]:
+    """This rank's lag per partition as ``size`` numbers to be summed over ranks: lag + 1 at each
+    partition in ``lag``, 0 elsewhere. A partition is read by one rank only, so after the sum an
+    entry above 0 is that rank's lag + 1, and 0 means no rank knows the partition's end (which
+    a plain lag of 0 could not tell apart). ``size`` must exceed every partition in ``lag``."""
+    out = [0.0] * size
+    for partition, records in lag.items():
+        out[partition] = records + 1.0
+    return out
+
+
+def lag_from_vector(summed: Sequence[float]) -> dict[int, int]:
+    """Partition -> lag, from :func:`lag_vector`'s numbers summed over ranks."""
+    return {p: int(v) - 1 for p, v in enumerate(summed) if v > 0}
