@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from service.core.errors import InvalidRequest, NotFound, ServiceError
+from service.core.errors import Conflict, InvalidRequest, NotFound, ServiceError
 from service.jobs.schemas import CheckpointDetail, CheckpointRef
 from workers.train.checkpoint_meta import META_FILE, CheckpointMeta
 
@@ -59,6 +59,12 @@ class CheckpointStorageUnavailable(ServiceError):
 
     status_code = 503
     code = "checkpoint_storage_unavailable"
+
+
+class PurgeRefused(Conflict):
+    """The folder a purge would delete holds more than a job's checkpoints."""
+
+    code = "purge_refused"
 
 
 @dataclass(frozen=True)
@@ -237,10 +243,21 @@ def purge_checkpoints(storage: str, job_id: str) -> None:
     (a later job with this id starts afresh). Nothing to delete is fine."""
     from pyarrow.fs import FileType
 
+    from pyarrow.fs import FileSelector
+
     job = _job_folder(storage, job_id)
     try:
-        if job.fs.get_file_info(job.path).type != FileType.NotFound:
-            job.fs.delete_dir(job.path)
+        if job.fs.get_file_info(job.path).type == FileType.NotFound:
+            return
+        # The storage path comes from a request: delete only what Ray Train and the workers write
+        # there (checkpoint_* folders, Ray's dot-files and its run registry), never a folder that
+        # happens to be at {storage}/{job_id} (e.g. storage "/" and job "etc").
+        entries = job.fs.get_file_info(FileSelector(job.path))
+        foreign = sorted(e.base_name for e in entries if not e.base_name.startswith(("checkpoint_", ".")))
+        if foreign:
+            raise PurgeRefused(f"{display_location(job.location)} is not only the checkpoints of job {job_id} "
+                               f"(it also holds {', '.join(foreign[:5])}); nothing was deleted")
+        job.fs.delete_dir(job.path)
     except OSError as exc:
         raise _unavailable(f"the checkpoints of job {job_id}", job.location, exc) from exc
     log.info("purged the checkpoints of job %s in %s", job_id, display_location(storage))

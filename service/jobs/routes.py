@@ -81,10 +81,8 @@ def resume_job(job_id: JobId, _: AdminAccess, state: StateDep) -> JobOut:
 @router.delete("/{job_id}", status_code=204, responses=error_responses(409))
 def delete_job(job_id: JobId, _: AdminAccess, state: StateDep, purge: bool = False) -> Response:
     """Forget an ended job (409 while it runs). Its checkpoints stay unless ``purge=true``."""
-    row = state.jobs.delete(job_id)
-    if purge:
-        spec = JobSpec.model_validate(row.spec)
-        ckpts.purge_checkpoints(storage_location(spec), job_id)
+    state.jobs.delete(job_id, purge=(lambda spec: ckpts.purge_checkpoints(storage_location(spec), job_id))
+                      if purge else None)
     return Response(status_code=204)
 
 

@@ -108,12 +108,15 @@ class JobService:
         row = self.repo.start_run(job_id, expected=_RESUMABLE)
         return self._launch(row, self.spec_of(row))
 
-    def delete(self, job_id: str) -> JobRow:
-        """Forget an ended job (StateConflict while it runs). The caller purges its checkpoints."""
+    def delete(self, job_id: str, *, purge: Callable[[JobSpec], None] | None = None) -> JobRow:
+        """Forget an ended job (StateConflict while it runs); ``purge`` deletes its checkpoints
+        first (if it refuses, the job stays)."""
         row = self.get(job_id)
         if row.state.active:
             raise StateConflict(f"job {job_id!r} is {row.state.value}; stop it before deleting it",
                                 current=row.state)
+        if purge is not None:
+            purge(self.spec_of(row))
         self.launcher.release(job_id)
         self.repo.delete(job_id)
         return row
