@@ -158,7 +158,7 @@ def job_fields(job: JobOut) -> str:
               ("prequential accuracy", _num(report.prequential_accuracy if report else None, "{:.2%}")),
               ("eval accuracy", _num(report.eval_accuracy if report else None, "{:.2%}")),
               ("last report", _when(p.last_report_at)),
-              ("last checkpoint", "-" if ckpt is None else f"{ckpt.id} (step {ckpt.step:,}, {_when(ckpt.written_at)})")]
+              ("last checkpoint", "-" if ckpt is None else f"step {ckpt.step:,} ({_when(ckpt.written_at)})")]
     return fields(pairs)
 
 

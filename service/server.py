@@ -13,7 +13,7 @@ import sys
 DEFAULT_PORT = 8321
 
 
-def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def add_parser(sub: argparse._SubParsersAction) -> None:
     serve = sub.add_parser("serve", help="run the REST control plane (jobs run on Ray and outlive it)")
     serve.add_argument("--ray-address", help="an existing Ray cluster's GCS host:port (default: an embedded local "
                                              "head, started once and reused across restarts)")

@@ -241,9 +241,7 @@ def _files(place: _Place) -> list[Any]:
 def purge_checkpoints(storage: str, job_id: str) -> None:
     """Delete ``{storage}/{job_id}``: every checkpoint of the job and Ray Train's run registry
     (a later job with this id starts afresh). Nothing to delete is fine."""
-    from pyarrow.fs import FileType
-
-    from pyarrow.fs import FileSelector
+    from pyarrow.fs import FileSelector, FileType
 
     job = _job_folder(storage, job_id)
     try:

@@ -14,8 +14,9 @@ from workers.runner import latest_checkpoint, storage_location
 from workers.spec import JobSpec
 
 from . import checkpoints as ckpts
-from .model_export import model_card, safetensors_bytes
+from .model_export import LoadedModel, model_card, safetensors_bytes
 from .predict import predict
+from .repository import JobRow
 from .schemas import (
     CheckpointDetail,
     CheckpointList,
@@ -116,7 +117,7 @@ def download_checkpoint(job_id: JobId, checkpoint_id: CheckpointId, _: ReadAcces
                              headers={"Content-Disposition": f'attachment; filename="{job_id}-{name}.tar.gz"'})
 
 
-def _latest_model(job_id: str, state: StateDep):  # type: ignore[no-untyped-def]
+def _latest_model(job_id: str, state: StateDep) -> tuple[JobRow, JobSpec, LoadedModel]:
     row = state.jobs.get(job_id)
     spec = state.jobs.spec_of(row)
     durable = latest_checkpoint(storage_location(spec), job_id)

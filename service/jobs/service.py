@@ -65,7 +65,7 @@ class JobService:
     def get(self, job_id: str) -> JobRow:
         row = self.repo.get(job_id)
         if row is None:
-            raise JobNotFound(f"no job {job_id!r}", field="job_id")
+            raise JobNotFound(job_id)
         return row
 
     def spec_of(self, row: JobRow) -> JobSpec:
@@ -102,8 +102,7 @@ class JobService:
         offsets included, so every record reaches the model exactly once across the stop."""
         row = self.get(job_id)
         if row.state.active:
-            raise StateConflict(f"job {job_id!r} is {row.state.value}; only an ended job can be resumed",
-                                current=row.state)
+            raise StateConflict(job_id, row.state, _RESUMABLE)
         self.launcher.release(job_id)  # the previous run's driver, if a replica had not yet
         row = self.repo.start_run(job_id, expected=_RESUMABLE)
         return self._launch(row, self.spec_of(row))
@@ -113,8 +112,7 @@ class JobService:
         first (if it refuses, the job stays)."""
         row = self.get(job_id)
         if row.state.active:
-            raise StateConflict(f"job {job_id!r} is {row.state.value}; stop it before deleting it",
-                                current=row.state)
+            raise StateConflict(job_id, row.state, _RESUMABLE)
         if purge is not None:
             purge(self.spec_of(row))
         self.launcher.release(job_id)
