@@ -152,7 +152,8 @@ def _add_operational_routes(app: FastAPI) -> None:
             raise Unavailable(f"Ray unreachable: {exc}") from exc
         return {"status": "ready"}
 
-    @app.get("/metrics", tags=["operations"], responses={200: {"content": {CONTENT_TYPE_LATEST: {}}}})
+    @app.get("/metrics", tags=["operations"],
+             responses={200: {"content": {CONTENT_TYPE_LATEST: {}}}, **error_responses(401, 403)})
     def metrics(_: ReadAccess, state: StateDep) -> Response:
         """Prometheus exposition of every job's metrics and the API's own (see the README)."""
         return Response(generate_latest(state.registry), media_type=CONTENT_TYPE_LATEST)

@@ -120,6 +120,8 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        if exc.status_code == 400:  # FastAPI's answer to a body it cannot decode (not UTF-8, not JSON)
+            return JSONResponse(error_body("invalid_request", f"body: {exc.detail}", field="body"), status_code=422)
         codes = {404: "not_found", 405: "method_not_allowed", 413: "payload_too_large"}
         return JSONResponse(error_body(codes.get(exc.status_code, "http_error"), str(exc.detail)),
                             status_code=exc.status_code, headers=getattr(exc, "headers", None))

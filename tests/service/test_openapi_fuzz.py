@@ -4,7 +4,10 @@ The app runs on a real SQLite store with the in-memory launcher (jobs are not tr
 
 from __future__ import annotations
 
+import shutil
+import tempfile
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import schemathesis
@@ -24,21 +27,22 @@ from service.core.security import TokenStore
 from .fake_launcher import FakeLauncher
 
 ADMIN = "fuzz-admin-token-0123456789"
+# The app holds no resources until its lifespan runs (in the fixture below), so building it here
+# only fixes where its state will live.
+_STATE = Path(tempfile.mkdtemp(prefix="cicw-fuzz-"))
+app = create_app(Settings(data_dir=_STATE / "state", sync_interval_s=0.2, max_body_bytes=1 << 20),
+                 launcher=FakeLauncher(), tokens=TokenStore.parse([("admin", ADMIN)], origin="fuzz"))
+schema = schemathesis.openapi.from_asgi("/openapi.json", app)
 
 
-@pytest.fixture(scope="module")
-def api_schema(tmp_path_factory: pytest.TempPathFactory) -> Iterator[schemathesis.BaseSchema]:
-    data = tmp_path_factory.mktemp("fuzz")
-    # Relative checkpoint paths in generated specs resolve inside this directory, nowhere else.
+@pytest.fixture(scope="module", autouse=True)
+def running_app() -> Iterator[None]:
+    # Relative checkpoint paths in generated specs resolve inside the state directory, nowhere else.
     with pytest.MonkeyPatch.context() as mp:
-        mp.chdir(data)
-        app = create_app(Settings(data_dir=data / "state", sync_interval_s=0.2, max_body_bytes=1 << 20),
-                         launcher=FakeLauncher(), tokens=TokenStore.parse([("admin", ADMIN)], origin="fuzz"))
+        mp.chdir(_STATE)
         with TestClient(app):  # runs the lifespan: the store and the app state exist for every call
-            yield schemathesis.openapi.from_asgi("/openapi.json", app)
-
-
-schema = schemathesis.pytest.from_fixture("api_schema")
+            yield
+    shutil.rmtree(_STATE, ignore_errors=True)
 
 
 @schema.parametrize()
@@ -49,8 +53,8 @@ def test_no_server_errors_and_responses_match_the_schema(case: schemathesis.Case
                                    response_schema_conformance])
 
 
-def test_the_schema_declares_the_error_body_and_bearer_auth(api_schema: schemathesis.BaseSchema) -> None:
-    raw = api_schema.raw_schema
+def test_the_schema_declares_the_error_body_and_bearer_auth() -> None:
+    raw = schema.raw_schema
     assert raw["components"]["securitySchemes"]["HTTPBearer"]["scheme"] == "bearer"
     stop = raw["paths"]["/v1/jobs/{job_id}/stop"]["post"]["responses"]
     assert {"202", "401", "403", "404", "409", "422"} <= set(stop)
