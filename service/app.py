@@ -19,7 +19,8 @@ from workers.errors import CicwStreamError
 from .core import db
 from .core.config import Settings
 from .core.deps import AppState, ReadAccess, StateDep
-from .core.errors import Unavailable, error_responses, install_error_handlers
+from .core.error_handlers import error_responses, install_error_handlers
+from .core.errors import Unavailable
 from .core.limits import BodySizeLimit
 from .core.metrics import HttpMetrics, JobMetricsView, build_registry
 from .core.secrets import SecretSealer

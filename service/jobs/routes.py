@@ -9,7 +9,8 @@ from fastapi import APIRouter, Path, Query, Response
 from fastapi.responses import StreamingResponse
 
 from service.core.deps import AdminAccess, ReadAccess, StateDep
-from service.core.errors import Conflict, error_responses
+from service.core.error_handlers import error_responses
+from service.core.errors import Conflict
 from workers.runner import latest_checkpoint, storage_location
 from workers.spec import JobSpec
 
