@@ -24,6 +24,7 @@ from .errors import CicwStreamError, RayClusterError
 from .kafka.clients import make_client
 from .report import JobReport, JobResult, JobStatus
 from .spec import JobSpec
+from .storage import redact_uri
 from .train.checkpoint_meta import read_meta
 from .train.control import MAX_PENDING_REPORTS, open_channel
 from .train.loop import train_loop_per_worker
@@ -120,7 +121,7 @@ def latest_checkpoint(storage_path: str, job_id: str) -> DurableCheckpoint | Non
     except RuntimeError:  # no run folder, or no checkpoint registered in it
         return None
     except OSError as exc:  # the storage cannot be read (pyarrow's errors): the summary says so, no crash
-        log.warning("cannot read the checkpoints of job %s in %s: %s", job_id, storage_path, exc)
+        log.warning("cannot read the checkpoints of job %s in %s: %s", job_id, redact_uri(storage_path), exc)
         return None
     location = _checkpoint_location(storage_path, restored.checkpoint)
     if location is None:

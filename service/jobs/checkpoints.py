@@ -23,6 +23,7 @@ from typing import Any
 
 from service.core.errors import Conflict, InvalidRequest, NotFound, ServiceError
 from service.jobs.schemas import CheckpointDetail, CheckpointRef
+from workers.storage import redact_uri
 from workers.train.checkpoint_meta import META_FILE, CheckpointMeta
 
 log = logging.getLogger(__name__)
@@ -112,12 +113,7 @@ def _open(location: str) -> _Place:
 
 def display_location(location: str) -> str:
     """``location`` without its URI query and credentials: safe to show in API responses."""
-    if "://" not in location:
-        return location
-    scheme, rest = location.split("://", 1)
-    rest = rest.partition("?")[0]
-    authority, slash, path = rest.partition("/")
-    return f"{scheme}://{authority.rpartition('@')[2]}{slash}{path}"
+    return redact_uri(location)
 
 
 def _job_folder(storage: str, job_id: str) -> _Place:
