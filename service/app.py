@@ -7,12 +7,13 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request, Response
 from fastapi.middleware.cors import CORSMiddleware
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from workers.errors import CicwStreamError
 
@@ -57,6 +58,35 @@ class StateSync:
                 self._jobs.sync()
             except Exception:  # a bug or an outage must not end reconciliation for good
                 log.exception("job state sync failed; retrying")
+
+
+class RequestMetering:
+    """Counts requests and their latency by route template (plain ASGI: Starlette's
+    BaseHTTPMiddleware costs a task and a stream per request)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        status = 500  # if the app raises before answering
+
+        async def recording_send(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, recording_send)
+        finally:
+            template = getattr(scope.get("route"), "path", None)
+            meter: HttpMetrics | None = getattr(scope["app"].state, "http_metrics", None)
+            if template is not None and template not in _UNMETERED and meter is not None:
+                meter.observe(scope["method"], template, status, time.perf_counter() - started)
 
 
 def default_launcher(settings: Settings) -> Launcher:
@@ -116,21 +146,11 @@ def create_app(settings: Settings, *, launcher: Launcher | None = None, tokens: 
     app.include_router(jobs_router)
     _add_operational_routes(app)
 
-    @app.middleware("http")
-    async def _meter(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
-        started = time.perf_counter()
-        response = await call_next(request)
-        route = request.scope.get("route")
-        template = getattr(route, "path", None)
-        if template is not None and template not in _UNMETERED and hasattr(request.app.state, "http_metrics"):
-            request.app.state.http_metrics.observe(request.method, template, response.status_code,
-                                                   time.perf_counter() - started)
-        return response
-
     if settings.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=list(settings.cors_origins),
                            allow_methods=["GET", "POST", "DELETE"], allow_headers=["Authorization", "Content-Type"])
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(RequestMetering)
     return app
 
 

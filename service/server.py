@@ -23,6 +23,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                                                    "postgresql://... for several replicas)")
     serve.add_argument("--data-dir", help="service state: store, admin token, keys (default ./.cicw-service)")
     serve.add_argument("--ray-num-cpus", type=int, help="CPUs of the embedded Ray head (default: all)")
+    serve.add_argument("--access-log", action="store_true",
+                       help="log every request (off by default: cicw_http_requests_total counts them)")
     serve.set_defaults(run=run_serve)
 
 
@@ -56,5 +58,5 @@ def run_serve(args: argparse.Namespace) -> int:
     if generated is not None:
         _show_token(generated)
     uvicorn.run(create_app(settings, tokens=tokens), host=settings.host, port=settings.port, log_level="info",
-                timeout_graceful_shutdown=10)
+                access_log=args.access_log, timeout_graceful_shutdown=10)
     return 0
