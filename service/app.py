@@ -7,7 +7,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request, Response
@@ -25,7 +25,7 @@ from .core.errors import Unavailable
 from .core.limits import BodySizeLimit
 from .core.metrics import HttpMetrics, JobMetricsView, build_registry
 from .core.secrets import SecretSealer
-from .core.security import TokenStore, load_tokens
+from .core.security import TokenStore
 from .jobs.model_export import ModelCache
 from .jobs.repository import JobRepository
 from .jobs.routes import router as jobs_router
@@ -99,10 +99,9 @@ def default_launcher(settings: Settings) -> Launcher:
     return RayLauncher(model_packages=settings.model_packages)
 
 
-def create_app(settings: Settings, *, launcher: Launcher | None = None, tokens: TokenStore | None = None,
-               on_generated_token: Callable[[str], None] | None = None) -> FastAPI:
-    """The API. ``launcher`` and ``tokens`` replace the defaults (tests); ``on_generated_token``
-    receives the admin token generated at first start, to show it once."""
+def create_app(settings: Settings, *, tokens: TokenStore, launcher: Launcher | None = None) -> FastAPI:
+    """The API, accepting ``tokens`` (see security.load_tokens); ``launcher`` replaces the Ray
+    launcher (tests)."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -112,13 +111,6 @@ def create_app(settings: Settings, *, launcher: Launcher | None = None, tokens: 
         sealer = SecretSealer.from_settings(settings.secret_key.get_secret_value() if settings.secret_key else None,
                                             settings.data_dir / "secret.key")
         repo = JobRepository(db.session_factory(engine), sealer)
-        token_store = tokens
-        if token_store is None:
-            token_store, generated = load_tokens(
-                settings.api_tokens.get_secret_value() if settings.api_tokens else None,
-                settings.tokens_file, settings.data_dir)
-            if generated is not None and on_generated_token is not None:
-                on_generated_token(generated)
         jobs = JobService(repo, launcher or default_launcher(settings),
                           lost_driver_grace_s=settings.lost_driver_grace_s)
 
@@ -127,7 +119,7 @@ def create_app(settings: Settings, *, launcher: Launcher | None = None, tokens: 
                                    last_checkpoint_at=r.last_checkpoint_at) for r in repo.all_for_metrics()]
 
         registry = build_registry(views)
-        app.state.cicw = AppState(settings=settings, tokens=token_store, jobs=jobs,
+        app.state.cicw = AppState(settings=settings, tokens=tokens, jobs=jobs,
                                   models=ModelCache(model_packages=settings.model_packages), registry=registry)
         app.state.http_metrics = HttpMetrics(registry)
         app.state.engine = engine

@@ -30,7 +30,6 @@ class AppState:
     jobs: JobService
     models: ModelCache
     registry: CollectorRegistry
-    ready_checks: tuple[object, ...] = ()
 
 
 def app_state(request: Request) -> AppState:

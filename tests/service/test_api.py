@@ -272,3 +272,20 @@ def test_jobs_survive_an_app_restart(tmp_path: Path) -> None:
         assert (job["state"], job["progress"]["step"]) == ("SUCCEEDED", 9)
     raw = (tmp_path / "jobs.db").read_bytes()
     assert SASL_PASSWORD.encode() not in raw
+
+
+def test_the_model_card_takes_weight_statistics_from_the_last_training_report(client: TestClient,
+                                                                             launcher: FakeLauncher) -> None:
+    from workers.report import CICWStepStats
+
+    client.post("/v1/jobs", json=spec(), headers=auth())
+    weights = CICWStepStats(num_examples=64, low_weight_fraction=0.3, class_mean_weight=[0.5, 1.5])
+    launcher.report("job-a", report(10, cicw=weights, prequential_accuracy=0.8))
+    # The final report covers no step of its own: no weights, no prequential accuracy.
+    launcher.end("job-a", JobResult(job_id="job-a", state="finished",
+                                    report=report(12, final=True, eval_accuracy=0.7, checkpoint_step=12)))
+    sync(client)
+    jobs = client.app.state.cicw.jobs  # type: ignore[attr-defined]
+    card_report = jobs.latest_training_report(jobs.get("job-a"))
+    assert card_report.cicw == weights and card_report.prequential_accuracy == 0.8
+    assert (card_report.step, card_report.examples, card_report.eval_accuracy) == (12, 120, 0.7)
