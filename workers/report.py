@@ -69,6 +69,37 @@ class CICWStepStats(_Metrics):
         return counts
 
 
+class _LabelQuality(_Metrics):
+    """What the job saw of the labels of one source or one given class, over its life (see
+    workers.train.label_quality for the estimator and its calibration)."""
+
+    records: NonNegativeInt = Field(description="Records trained.")
+    weighed: NonNegativeInt = Field(0, description="Of them, records trained after burn-in (weights in force).")
+    mean_weight: float | None = Field(None, description="Mean N*w of the weighed records (1 = uniform).")
+    down_weighted_fraction: float | None = Field(None, description="Fraction of the weighed records with N*w < 1/4.")
+    disagreement: float | None = Field(
+        None, description="Fraction of the weighed records the model predicted another class for than given, "
+                          "before training on them (the uncalibrated noise estimate).")
+    estimated_noise: float | None = Field(
+        None, description="Estimated fraction of wrong given labels: the disagreement corrected by the model's "
+                          "error (label_model_error), assuming symmetric noise.")
+    true_noise: float | None = Field(
+        None, description="Of the weighed records with a clean-label header, the fraction given a wrong label.")
+
+
+class SourceQuality(_LabelQuality):
+    """Label quality of one source (a record's ``source``; "unknown" for records naming none,
+    "other" for the sources past the job's max_sources largest)."""
+
+    source: str
+
+
+class ClassQuality(_LabelQuality):
+    """Label quality of the records given one class."""
+
+    label: NonNegativeInt
+
+
 class JobReport(_Metrics):
     """One report of a job's workers: rank 0's view of global counters and of the metrics of the
     steps since the previous report. Counters (step, examples, rejected) are the job's totals
@@ -96,6 +127,14 @@ class JobReport(_Metrics):
         None, description="Of the wrong labels (clean-label header differs), the fraction down-weighted "
                           "(cumulative).")
     cicw: CICWStepStats | None = Field(None, description="The weights on the report's last step.")
+    sources: list[SourceQuality] = Field(
+        default_factory=list, description="Label quality per source (job totals), most records first: at most "
+                                          "max_sources names, then \"other\".")
+    classes: list[ClassQuality] = Field(default_factory=list,
+                                        description="Label quality per given class (job totals).")
+    label_model_error: float | None = Field(
+        None, description="The model's error the noise estimates are corrected by: against the clean-label header "
+                          "where records carry one, else 1 - eval_accuracy; None: uncorrected.")
     eval_accuracy: float | None = Field(None, description="Accuracy on the clean evaluation set.")
     eval_loss: float | None = Field(None, description="Cross entropy on the clean evaluation set.")
     eval_examples: NonNegativeInt | None = Field(None, description="Size of the clean evaluation set.")

@@ -101,6 +101,9 @@ class JobSpec(BaseModel):
         0, description="Seeds the model's initial weights and every rank's mixup and augmentation draws; "
                        "checkpoints carry the generators' states, so a resumed job draws what it would have.")
     report_every_steps: PositiveInt = Field(10, description="Metrics are reported this often.")
+    max_sources: PositiveInt = Field(
+        20, le=1000, description="Label quality is reported for the sources with the most records, up to this "
+                                 "many; the rest are counted together as \"other\" (bounds the metrics' labels).")
     max_failures: NonNegativeInt = Field(2, description="Worker failures survived by restarting from the checkpoint.")
     record_log_dir: str | None = Field(
         None, description="Audit log: each rank appends, per optimizer step, the (partition, offset) of the "

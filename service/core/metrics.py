@@ -27,7 +27,7 @@ from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
 from cicw.config import WEIGHT_HISTOGRAM_EDGES
-from workers.report import STEP_SECONDS_EDGES, JobReport
+from workers.report import STEP_SECONDS_EDGES, JobReport, SourceQuality
 
 from ..jobs.schemas import JobState
 
@@ -130,6 +130,43 @@ def _class_mean_weight(views: Sequence[JobMetricsView]) -> Metric:
     return family
 
 
+@dataclass(frozen=True)
+class _PerSource:
+    """A metric with one sample per job and source (labels ``job``, ``source``), from the latest
+    report's label quality per source (at most the job's max_sources names plus "other")."""
+
+    name: str
+    doc: str
+    value: Callable[[SourceQuality], float | None]
+    kind: Literal["counter", "gauge"] = "gauge"
+    unit: str = ""
+
+    def family(self, views: Sequence[JobMetricsView]) -> Metric:
+        cls = CounterMetricFamily if self.kind == "counter" else GaugeMetricFamily
+        family = cls(self.name, self.doc, labels=["job", "source"], unit=self.unit)
+        for view in views:
+            for source in view.report.sources if view.report is not None else ():
+                value = self.value(source)
+                if value is not None:
+                    family.add_metric([view.job_id, source.source], value)
+        return family
+
+
+_PER_SOURCE = (
+    _PerSource("cicw_source_records", "Records trained from this source (job total; \"other\": the sources past "
+                                      "the job's max_sources largest).", lambda q: q.records, kind="counter"),
+    _PerSource("cicw_source_mean_weight", "Mean N*w of this source's records trained after burn-in (1 = uniform).",
+               lambda q: q.mean_weight),
+    _PerSource("cicw_source_down_weighted", "Fraction of this source's records trained after burn-in with N*w < 1/4.",
+               lambda q: q.down_weighted_fraction, unit="ratio"),
+    _PerSource("cicw_source_estimated_noise", "Estimated fraction of wrong given labels from this source (model "
+                                              "disagreement corrected by the model's error).",
+               lambda q: q.estimated_noise, unit="ratio"),
+    _PerSource("cicw_source_true_noise", "Of this source's records with a clean-label header, the fraction given a "
+                                         "wrong label.", lambda q: q.true_noise, unit="ratio"),
+)
+
+
 def _cumulative(counts: Sequence[float], upper_edges: Sequence[float]) -> list[tuple[str, float]]:
     """Prometheus ``le`` buckets from counts per bin: ``upper_edges`` ends with +Inf."""
     out, total = [], 0.0
@@ -207,6 +244,8 @@ class JobCollector(Collector):
             yield scalar.family(views)
         yield _lag(views)
         yield _class_mean_weight(views)
+        for per_source in _PER_SOURCE:
+            yield per_source.family(views)
         yield _step_duration(views)
         yield _instance_weight(views)
         yield _checkpoint_age(views, now)

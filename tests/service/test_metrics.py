@@ -121,6 +121,21 @@ def test_lag_is_per_partition_and_class_weight_per_class() -> None:
                                                  _job("j1", **{"class": "2"}): 0.88}
 
 
+def test_label_quality_is_per_source_and_undefined_values_are_left_out() -> None:
+    sources = [{"source": "crowd", "records": 900, "weighed": 800, "mean_weight": 0.8,
+                "down_weighted_fraction": 0.25, "disagreement": 0.31, "estimated_noise": 0.3, "true_noise": 0.29},
+               {"source": "other", "records": 40, "weighed": 0}]
+    text = _exposition(_view("j1", report=_report(sources=sources)), _view("j2", report=_report()))
+    samples = _samples(text)
+    assert samples["cicw_source_records_total"] == {_job("j1", source="crowd"): 900,
+                                                    _job("j1", source="other"): 40}
+    assert samples["cicw_source_mean_weight"] == {_job("j1", source="crowd"): 0.8}
+    assert samples["cicw_source_down_weighted_ratio"] == {_job("j1", source="crowd"): 0.25}
+    assert samples["cicw_source_estimated_noise_ratio"] == {_job("j1", source="crowd"): 0.3}
+    assert samples["cicw_source_true_noise_ratio"] == {_job("j1", source="crowd"): 0.29}
+    assert _types(text)["cicw_source_records"] == "counter"
+
+
 def _buckets(samples: dict[str, dict[Labels, float]], name: str, job: str) -> list[tuple[float, float]]:
     """(le, count) of one job's histogram, in le order."""
     found = [(float(dict(k)["le"]), v) for k, v in samples[f"{name}_bucket"].items() if dict(k)["job"] == job]

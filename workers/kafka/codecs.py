@@ -42,8 +42,10 @@ class DecodedBatch:
 
     inputs: [n, *input_shape] float32; targets: [n] int64, or [n, K] float32 if any record
     carried a probability row (index labels become one-hot then); clean_labels: [n] int64,
-    -1 where a record had no clean-label header. ``next_offsets`` counts rejected records too:
-    they are consumed (sent to the dead-letter topic), never read again.
+    -1 where a record had no clean-label header; sources: each row's source name (see
+    :func:`source_name`; empty when the batch was built without them, read as all "unknown").
+    ``next_offsets`` counts rejected records too: they are consumed (sent to the dead-letter
+    topic), never read again.
     """
 
     inputs: Tensor
@@ -51,6 +53,7 @@ class DecodedBatch:
     clean_labels: Tensor
     next_offsets: dict[tuple[str, int], int] = field(default_factory=dict)
     rejected: list[Rejection] = field(default_factory=list)
+    sources: list[str] = field(default_factory=list)
 
     def __len__(self) -> int:
         return int(self.inputs.shape[0])
@@ -77,6 +80,7 @@ def _decode_each(records: Sequence[KafkaRecord], spec: CodecSpec) -> DecodedBatc
     xs: list[np.ndarray] = []
     ys: list[int | np.ndarray] = []
     clean: list[int] = []
+    sources: list[str] = []
     rejected: list[Rejection] = []
     next_offsets: dict[tuple[str, int], int] = {}
     for rec in records:
@@ -89,6 +93,7 @@ def _decode_each(records: Sequence[KafkaRecord], spec: CodecSpec) -> DecodedBatc
         xs.append(decoded[0])
         ys.append(decoded[1])
         clean.append(decoded[2])
+        sources.append(decoded[3])
     n = len(xs)
     inputs = torch.from_numpy(np.stack(xs)) if n else torch.zeros((0, *spec.input_shape))
     if any(isinstance(y, np.ndarray) for y in ys):
@@ -98,16 +103,30 @@ def _decode_each(records: Sequence[KafkaRecord], spec: CodecSpec) -> DecodedBatc
         targets = torch.tensor(ys, dtype=torch.int64)
     return DecodedBatch(inputs=inputs.float(), targets=targets,
                         clean_labels=torch.tensor(clean, dtype=torch.int64),
-                        next_offsets=next_offsets, rejected=rejected)
+                        next_offsets=next_offsets, rejected=rejected, sources=sources)
 
 
-def _decode_or_reject(rec: KafkaRecord, spec: CodecSpec) -> tuple[np.ndarray, int | np.ndarray, int] | Rejection:
-    """(features, label, clean label) of one record, or its rejection."""
+def _decode_or_reject(rec: KafkaRecord, spec: CodecSpec) -> tuple[np.ndarray, int | np.ndarray, int, str] | Rejection:
+    """(features, label, clean label, source name) of one record, or its rejection."""
     try:
-        x, y = decode_record(rec, spec)
-        return x, y, _clean_label(rec, spec)
+        with np.errstate(over="ignore", invalid="ignore"):
+            x, y, source = _decode_record(rec, spec)
+        return x, y, _clean_label(rec, spec), source
     except Exception as exc:
         return Rejection(rec, rejection_reason(exc))
+
+
+# Source names longer than this are cut: a label value of the service's metrics, not a payload.
+SOURCE_NAME_CHARS = 100
+UNKNOWN_SOURCE = "unknown"  # the source of a record that names none
+
+
+def source_name(raw: str | bytes | None) -> str:
+    """The source a record names (a json field's string or a header's bytes, UTF-8 with bad
+    bytes replaced), cut to SOURCE_NAME_CHARS; "unknown" when absent or empty."""
+    if isinstance(raw, bytes):
+        raw = raw.decode("utf-8", errors="replace")
+    return raw[:SOURCE_NAME_CHARS] if raw else UNKNOWN_SOURCE
 
 
 # Room for the exception's message in a reason (dead-letter headers, logs); the rest is cut.
@@ -153,6 +172,7 @@ def _decode_raw_chunk(chunk: RecordChunk, fmt: RawFormat, spec: CodecSpec) -> De
         raw_labels, raw_clean = chunk.header_columns((spec.label_header, spec.clean_label_header), _ABSENT)
     else:
         raw_labels, raw_clean = chunk.keys(), chunk.header_values(spec.clean_label_header, _ABSENT)
+    raw_sources = chunk.header_values(spec.source_field)  # a pass of its own: keeps the two-name scan fast
     labels: list[int | None] = list(map(label_table.get, raw_labels))
     clean: list[int | None] = list(map(clean_table.get, raw_clean))
     try:  # the size checks of _value_problem, once per distinct length
@@ -182,6 +202,7 @@ def _decode_raw_chunk(chunk: RecordChunk, fmt: RawFormat, spec: CodecSpec) -> De
             values = [values[i] for i in kept_at]
             labels = [labels[i] for i in kept_at]
             clean = [clean[i] for i in kept_at]
+            raw_sources = [raw_sources[i] for i in kept_at]
         targets, clean_labels = np.array(labels, dtype=np.int64), np.array(clean, dtype=np.int64)
     m = len(values)
     joined = b"".join(values)  # type: ignore[arg-type]  # no tombstone is left
@@ -195,11 +216,12 @@ def _decode_raw_chunk(chunk: RecordChunk, fmt: RawFormat, spec: CodecSpec) -> De
                          for j in np.flatnonzero(~finite).tolist()]
             rejected.sort(key=lambda r: r[0])  # fetch order, as decode_batch
             x, targets, clean_labels = x[finite], targets[finite], clean_labels[finite]
+            raw_sources = [raw_sources[j] for j in np.flatnonzero(finite).tolist()]
     # Through numpy: torch.tensor on a list of ints costs about three times as much.
     return DecodedBatch(inputs=torch.from_numpy(x), targets=torch.from_numpy(targets),
                         clean_labels=torch.from_numpy(clean_labels),
                         next_offsets={(chunk.topic, p): o for p, o in chunk.next_offsets().items()},
-                        rejected=[r for _, r in rejected])
+                        rejected=[r for _, r in rejected], sources=list(map(source_name, raw_sources)))
 
 
 _NON_FINITE = "features contain NaN or infinity"
@@ -257,29 +279,33 @@ def decode_record(rec: KafkaRecord, spec: CodecSpec) -> tuple[np.ndarray, int | 
     """
     try:
         with np.errstate(over="ignore", invalid="ignore"):  # overflow to inf is rejected below, not warned
-            return _decode_record(rec, spec)
+            x, y, _ = _decode_record(rec, spec)
+            return x, y
     except RecordRejected:
         raise
     except Exception as exc:
         raise RecordRejected(rejection_reason(exc)) from exc
 
 
-def _decode_record(rec: KafkaRecord, spec: CodecSpec) -> tuple[np.ndarray, int | np.ndarray]:
+def _decode_record(rec: KafkaRecord, spec: CodecSpec) -> tuple[np.ndarray, int | np.ndarray, str]:
+    """(features, label, source name) of one record; raises as decode_record."""
     fmt = spec.format
     if isinstance(fmt, JsonFormat):
-        x, y = _decode_json(_check_value(rec.value, spec, None), spec)
+        x, y, source = _decode_json(_check_value(rec.value, spec, None), spec)
     elif isinstance(fmt, RawFormat):
         x = _raw_features(rec.value, fmt, spec)
         y = _label(rec, fmt.label_from, spec)
+        source = source_name(rec.header(spec.source_field))
     else:
         x = _decode_image(_check_value(rec.value, spec, None), fmt, spec)
         y = _label(rec, fmt.label_from, spec)
+        source = source_name(rec.header(spec.source_field))
     # Checked in the columnar path's order (size, label, clean label, then finite values), so a
     # record with several faults gets the same reason on either path.
     _clean_label(rec, spec)
     if not np.isfinite(x).all():
         raise RecordRejected(_NON_FINITE)
-    return x, y
+    return x, y, source
 
 
 def decode_features(value: bytes | None, spec: CodecSpec) -> np.ndarray:
@@ -329,15 +355,31 @@ class _JsonFeatures(BaseModel):
 _Parsed = TypeVar("_Parsed", JsonValue, _JsonFeatures)
 
 
-def _decode_json(value: bytes, spec: CodecSpec) -> tuple[np.ndarray, int | np.ndarray]:
-    parsed = _parse_json(value, JsonValue)
-    return _json_features(parsed.x, spec), _validate_label(parsed.y, spec)
+def _decode_json(value: bytes, spec: CodecSpec) -> tuple[np.ndarray, int | np.ndarray, str]:
+    document = _load_json(value)
+    parsed = _parse_json(value, JsonValue, document)
+    raw_source = document.get(spec.source_field) if isinstance(document, dict) else None
+    if raw_source is not None and not isinstance(raw_source, str):
+        raise RecordRejected(f"JSON value's source field {spec.source_field!r} is not a string")
+    return _json_features(parsed.x, spec), _validate_label(parsed.y, spec), source_name(raw_source)
 
 
-def _parse_json(value: bytes, model: type[_Parsed]) -> _Parsed:
-    """``value`` parsed as JSON and validated as ``model``; RecordRejected naming what is wrong."""
+_NOT_LOADED = object()
+
+
+def _load_json(value: bytes) -> object:
+    """``value`` parsed as JSON, or _NOT_LOADED when it is not (:func:`_parse_json` says why)."""
     try:
-        return model.model_validate(json.loads(value))
+        return json.loads(value)
+    except (ValueError, RecursionError):  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        return _NOT_LOADED
+
+
+def _parse_json(value: bytes, model: type[_Parsed], document: object = _NOT_LOADED) -> _Parsed:
+    """``value`` parsed as JSON (``document``, when the caller parsed it already) and validated
+    as ``model``; RecordRejected naming what is wrong."""
+    try:
+        return model.model_validate(json.loads(value) if document is _NOT_LOADED else document)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise RecordRejected(f"value is not JSON: {exc}") from exc
     except ValidationError as exc:  # before ValueError, its base class

@@ -271,7 +271,6 @@ class JsonValue(BaseModel):
     x: float | list  # nested lists of numbers; shape checked by the codec
     y: int | list[float]
     id: str | None = None
-    source: str | None = None
 
 
 LabelSource = Literal["header", "key"]
@@ -323,3 +322,7 @@ class CodecSpec(BaseModel):
     max_record_bytes: PositiveInt = Field(1 << 20, description="Larger values are rejected.")
     label_header: str = Field("label", description="Header holding the class index (raw and image formats).")
     clean_label_header: str = Field("clean_label", description="Optional true label (synthetic noise).")
+    source_field: str = Field(
+        "source", min_length=1,
+        description="Where a record names its source, for label quality per source: this key of a json value, "
+                    "this header of a raw or image record. A record without one counts under \"unknown\".")

@@ -35,8 +35,8 @@ CHECKPOINT_FORMAT = 2
 META_FILE = "meta.json"
 # Codec settings that do not change what a record means, so a resumed job may change them: a
 # size limit (it decides only which future records are dead-lettered), the header of the clean
-# label (metrics only) and the training-time augmentation.
-_DATA_NEUTRAL_CODEC_FIELDS = frozenset({"max_record_bytes", "clean_label_header"})
+# label and of the source (metrics only) and the training-time augmentation.
+_DATA_NEUTRAL_CODEC_FIELDS = frozenset({"max_record_bytes", "clean_label_header", "source_field"})
 _DATA_NEUTRAL_FORMAT_FIELDS = frozenset({"augment"})
 
 

@@ -51,6 +51,7 @@ from .collectives import DDP_OPTIONS, Collectives
 from .control import StopWatch
 from .decisions import DeadLetterStatus, StepDecision, StepSignals, refused_anywhere
 from .evaluation import log_rejections, read_eval_set, score
+from .label_quality import LabelWindow
 from .metrics import MetricWindow, StepTimes, lag_from_vector, lag_vector
 from .models import build_model
 from .partitions import PartitionWatch
@@ -211,6 +212,8 @@ class JobWorker:
         self.resumed_from = self.counters.step
         self.nothing = decode_batch([], spec.codec)
         self.window = MetricWindow()
+        self.labels = LabelWindow(spec.codec.num_classes, spec.max_sources)  # this rank's, since the last report
+        self.eval_accuracy: float | None = None  # the latest evaluation's, calibrates the noise estimates
         self.step_times = StepTimes()  # this run's, never reset (a Prometheus histogram)
         self.checkpoint_seconds: float | None = None  # the latest checkpoint write of this run
         self.last_checkpoint = self.last_idle_report = time.monotonic()
@@ -324,6 +327,9 @@ class JobWorker:
         self.window.observe(loss=result.out.loss, targets=result.targets, clean_labels=batch.clean_labels,
                             logits=result.out.logits, weights=result.out.weights,
                             global_examples=decision.examples, weights_active=result.weights_active)
+        self.labels.observe(sources=batch.sources, targets=result.targets, clean_labels=batch.clean_labels,
+                            logits=result.out.logits, weights=result.out.weights,
+                            global_examples=decision.examples, weights_active=result.weights_active)
         # Timed past observe(), which reads the loss back: on a GPU the step's kernels have run
         # by then, so this is the step's time, not the time to launch it.
         self.step_times.observe(time.perf_counter() - started)
@@ -371,17 +377,22 @@ class JobWorker:
 
     def window_fields(self) -> dict[str, Any]:
         """Counters plus the metrics of the steps since the last report, over all ranks (two
-        all-reduces); adds the window's noise detection to the job's totals."""
+        all-reduces and, for the label quality per source, one all-gather); adds the window's
+        noise detection and label quality to the job's totals."""
         mine, lag = self.window.sums(), self.source.lag_by_partition()
         size = self.lag_vector_size(lag)
         summed = self.collectives.sum([*mine, len(self.source.offset_resets), *lag_vector(lag, size)])
         sums, resets, per_partition = summed[:len(mine)], summed[len(mine)], lag_from_vector(summed[len(mine) + 1:])
         self.counters.noise.add(sums)
+        # Each rank's sources differ: their windows are merged by name, in rank order, on every rank.
+        self.counters.labels.merge(self.collectives.gather(self.labels.as_rows()), max_sources=self.spec.max_sources)
+        self.labels = LabelWindow(self.spec.codec.num_classes, self.spec.max_sources)
         c = self.counters
         return {"step": c.step, "examples": c.examples, "rejected": c.rejected, "stalled_s": 0.0,
                 "lag": sum(per_partition.values()), "lag_per_partition": per_partition,
                 "offset_resets": int(resets), "checkpoint_seconds": self.checkpoint_seconds,
-                **self.step_times.fields(), **self.window.summary(sums, c.noise)}
+                **self.step_times.fields(), **self.window.summary(sums, c.noise),
+                **c.labels.report(self.spec.codec.num_classes, self.eval_accuracy)}
 
     def lag_vector_size(self, lag: dict[int, int]) -> int:
         """The size of the per-partition lag vector, the same on every rank (one all-reduce): each
@@ -398,6 +409,7 @@ class JobWorker:
         correct, loss_sum = score(self.learner.raw_model, ev.x, ev.y, batch_size=ev.spec.batch_size,
                                   device=self.collectives.device)
         correct, loss_sum, n = self.collectives.sum([correct, loss_sum, len(ev.y)])
+        self.eval_accuracy = correct / n if n else None
         return {"eval_accuracy": correct / n if n else float("nan"),
                 "eval_loss": loss_sum / n if n else float("nan"), "eval_examples": int(n)}
 

@@ -18,6 +18,7 @@ from torch import Tensor
 
 from ..errors import CheckpointError
 from .checkpoint_meta import CHECKPOINT_FORMAT, CheckpointMeta
+from .label_quality import LabelQuality
 from .metrics import NoiseTotals
 
 # The generators each rank saves (workers.train.randomness.WorkerRandomness.state()); "global_cuda"
@@ -33,18 +34,21 @@ class Counters:
     examples: int = 0
     rejected: int = 0
     noise: NoiseTotals = field(default_factory=NoiseTotals)
+    labels: LabelQuality = field(default_factory=LabelQuality)
 
-    def as_payload(self) -> dict[str, int]:
-        """Plain ints, in the checkpoint's flat layout."""
+    def as_payload(self) -> dict[str, Any]:
+        """Plain ints in the checkpoint's flat layout, and the label quality per source and class."""
         return {"step": self.step, "examples": self.examples, "rejected": self.rejected,
-                "noise_down": self.noise.down, "noise_corrupted": self.noise.corrupted, "noise_hit": self.noise.hit}
+                "noise_down": self.noise.down, "noise_corrupted": self.noise.corrupted, "noise_hit": self.noise.hit,
+                "label_quality": self.labels.as_payload()}
 
     @classmethod
     def from_payload(cls, payload: Any) -> Counters:
         """Read :meth:`as_payload`'s layout back; raises CheckpointError on missing, negative or
-        inconsistent counts."""
+        inconsistent counts. A checkpoint written before label quality was kept (no
+        ``label_quality``) restores empty totals."""
         names = ("step", "examples", "rejected", "noise_down", "noise_corrupted", "noise_hit")
-        if not isinstance(payload, dict) or set(payload) != set(names):
+        if not isinstance(payload, dict) or set(payload) - {"label_quality"} != set(names):
             got = sorted(payload) if isinstance(payload, dict) else type(payload).__name__
             raise CheckpointError(f"checkpoint counters must be {list(names)}, got {got}")
         bad = [k for k in names if type(payload[k]) is not int or payload[k] < 0]
@@ -54,7 +58,9 @@ class Counters:
         if noise.hit > min(noise.down, noise.corrupted):
             raise CheckpointError(f"checkpoint counters are inconsistent: noise_hit {noise.hit} exceeds "
                                   f"noise_down {noise.down} or noise_corrupted {noise.corrupted}")
-        return cls(payload["step"], payload["examples"], payload["rejected"], noise)
+        labels = (LabelQuality.from_payload(payload["label_quality"]) if "label_quality" in payload
+                  else LabelQuality())
+        return cls(payload["step"], payload["examples"], payload["rejected"], noise, labels)
 
 
 @dataclass
