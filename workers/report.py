@@ -126,6 +126,13 @@ class JobReport(_Metrics):
     noise_recall: float | None = Field(
         None, description="Of the wrong labels (clean-label header differs), the fraction down-weighted "
                           "(cumulative).")
+    suspects_published: NonNegativeInt = Field(0, description="Records published to the suspects topic (job "
+                                                             "total; repeats after a restart included).")
+    suspects_precision: float | None = Field(
+        None, description="Of the suspects with a clean-label header, the fraction whose label was wrong (cumulative).")
+    suspects_recall: float | None = Field(
+        None, description="Of the wrong labels (clean-label header) trained while suspects were published, the "
+                          "fraction published (cumulative).")
     cicw: CICWStepStats | None = Field(None, description="The weights on the report's last step.")
     sources: list[SourceQuality] = Field(
         default_factory=list, description="Label quality per source (job totals), most records first: at most "

@@ -8,10 +8,11 @@ counts for all.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import astuple, dataclass, fields
 
 from ..errors import DeadLetterError, DeadLettersPending
-from ..kafka.dead_letters import DeadLetterSink
+from ..kafka.delivery import DeliverySink
 from .collectives import Collectives
 
 
@@ -69,15 +70,18 @@ class DeadLetterStatus:
     refused: str | None = None
 
     @classmethod
-    def after_flush(cls, sink: DeadLetterSink, timeout_s: float) -> DeadLetterStatus:
-        """Flush ``sink`` for up to ``timeout_s`` and say what is left."""
-        try:
-            sink.flush(timeout_s)
-        except DeadLettersPending as exc:
-            return cls(pending=str(exc))
-        except DeadLetterError as exc:
-            return cls(refused=str(exc))
-        return cls()
+    def after_flush(cls, sinks: DeliverySink | Sequence[DeliverySink], timeout_s: float) -> DeadLetterStatus:
+        """Flush ``sinks`` (dead letters, suspects) for up to ``timeout_s`` and say what is left:
+        the first refusal, else the first still pending."""
+        pending = None
+        for sink in [sinks] if isinstance(sinks, DeliverySink) else sinks:
+            try:
+                sink.flush(timeout_s)
+            except DeadLettersPending as exc:
+                pending = pending or str(exc)
+            except DeadLetterError as exc:
+                return cls(refused=str(exc))
+        return cls(pending=pending)
 
     def agree(self, collectives: Collectives) -> DeadLetterStatus:
         """Every rank's status combined (one all-reduce; the reasons are gathered only when some
@@ -95,6 +99,11 @@ class DeadLetterStatus:
         if self.refused is not None:
             raise DeadLetterError(f"{self.refused}; the job stops without a checkpoint past these records, so "
                                   "a rerun (once the dead-letter topic accepts them) routes them again")
+
+
+def first_refusal(sinks: Sequence[DeliverySink]) -> str | None:
+    """The first refusal any of this rank's sinks saw since its last flush (never waits)."""
+    return next((r for r in (sink.refused() for sink in sinks) if r is not None), None)
 
 
 def refused_anywhere(collectives: Collectives, mine: str | None) -> str:

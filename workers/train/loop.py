@@ -8,9 +8,9 @@ due (:meth:`JobWorker.checkpoint_due`) writes it (:meth:`JobWorker.checkpoint`);
 checkpoint ends the run (:meth:`JobWorker.finish`), then :meth:`JobWorker.teardown`.
 
 Order of durable steps at a checkpoint (kept in this order):
-  1. every rank flushes its dead letters (records the checkpoint counts as consumed are safe;
-     while the broker cannot take them, the checkpoint is postponed, step by step; a letter
-     the broker refuses for good fails the job on every rank);
+  1. every rank flushes its dead letters and suspect records (records the checkpoint counts as
+     consumed are safe; while the broker cannot take them, the checkpoint is postponed, step by
+     step; a record the broker refuses for good fails the job on every rank);
   2. rank 0 gathers every rank's next offsets and writes one checkpoint with the model state;
   3. ray.train.report persists it (Ray Train storage);
   4. only then rank 0 hands those offsets to a background committer for the consumer group
@@ -49,7 +49,7 @@ from .checkpoint_meta import CheckpointMeta
 from .checkpoints import load_state, save_state
 from .collectives import DDP_OPTIONS, Collectives
 from .control import StopWatch
-from .decisions import DeadLetterStatus, StepDecision, StepSignals, refused_anywhere
+from .decisions import DeadLetterStatus, StepDecision, StepSignals, first_refusal, refused_anywhere
 from .evaluation import log_rejections, read_eval_set, score
 from .label_quality import LabelWindow
 from .metrics import MetricWindow, StepTimes, lag_from_vector, lag_vector
@@ -58,6 +58,7 @@ from .partitions import PartitionWatch
 from .randomness import WorkerRandomness, seed_model_init
 from .state import Counters, TrainState
 from .step import Learner, StepResult, build_optimizer
+from .suspects import SuspectPublisher
 
 # While no rank has records, a stalled job still reports this often (the CLI shows the stall).
 IDLE_REPORT_EVERY_S = 5.0
@@ -201,11 +202,14 @@ class JobWorker:
                  randomness: WorkerRandomness, state: TrainState | None, source: KafkaSource,
                  batches: DecodedBatches, dead_letters: DeadLetterSink, committer: GroupCommitter | None,
                  reporter: Reporter, stop_watch: StopWatch, eval_set: EvalSet | None,
-                 record_log: IO[str] | None) -> None:
+                 record_log: IO[str] | None, suspects: SuspectPublisher | None = None) -> None:
         self.spec, self.rank, self.collectives = spec, rank, collectives
         self.learner, self.randomness = learner, randomness
         self.source, self.batches, self.dead_letters, self.committer = source, batches, dead_letters, committer
         self.reporter, self.stop_watch, self.eval_set, self.record_log = reporter, stop_watch, eval_set, record_log
+        self.suspects = suspects
+        # What a checkpoint waits for (Step 1): the dead letters, and the suspect records if any.
+        self.sinks = [dead_letters] + ([suspects.sink] if suspects is not None else [])
         self.counters = copy.deepcopy(state.counters) if state is not None else Counters()
         self.resumed_offsets = state.offsets if state is not None else {}
         self.partition_count = max(state.meta.partition_count if state is not None else 0, source.partition_count)
@@ -235,8 +239,12 @@ class JobWorker:
         world = collectives.world_size
         learner, randomness = build_learner(spec, state, rank=rank, collectives=collectives,
                                             model_packages=model_packages)
-        dead_letters = DeadLetterSink(Producer({"bootstrap.servers": spec.source.bootstrap_servers,
-                                                **spec.source.client_config}))
+        producer = Producer({"bootstrap.servers": spec.source.bootstrap_servers, **spec.source.client_config})
+        dead_letters = DeadLetterSink(producer)
+        # The suspects share the dead letters' producer: one connection per rank.
+        suspects = (SuspectPublisher(spec.suspects, source_topic=spec.source.topic,
+                                     burn_in_steps=spec.cicw.burn_in_steps, producer=producer)
+                    if spec.suspects is not None else None)
         eval_set = (load_evaluation(spec, spec.evaluation, rank=rank, world_size=world, dead_letters=dead_letters,
                                     resumed=state is not None)
                     if spec.evaluation is not None else None)
@@ -253,7 +261,7 @@ class JobWorker:
         return cls(spec, rank=rank, collectives=collectives, learner=learner, randomness=randomness, state=state,
                    source=source, batches=batches, dead_letters=dead_letters, committer=committer,
                    reporter=Reporter(channel, rank), stop_watch=StopWatch(channel if rank == 0 else None),
-                   eval_set=eval_set, record_log=record_log)
+                   eval_set=eval_set, record_log=record_log, suspects=suspects)
 
     # -- the loop -------------------------------------------------------------------------------
 
@@ -292,13 +300,13 @@ class JobWorker:
             checkpoint_time_due=every_s is not None and now - self.last_checkpoint >= every_s,
             stalled=stalled_s > 0, past_deadline=deadline is not None and stalled_s > deadline,
             stop=self.stop_watch.poll() is not None, idle_report_due=now - self.last_idle_report >= IDLE_REPORT_EVERY_S,
-            dead_letters_refused=self.dead_letters.refused() is not None))
+            dead_letters_refused=first_refusal(self.sinks) is not None))
 
     def fail_if_unhealthy(self, decision: StepDecision) -> None:
-        """Fail on every rank, with the reason, when some rank's broker refused a dead letter or
-        stayed unreachable past the deadline."""
+        """Fail on every rank, with the reason, when some rank's broker refused a dead letter or a
+        suspect record, or stayed unreachable past the deadline."""
         if decision.dead_letters_refused:
-            DeadLetterStatus(refused=refused_anywhere(self.collectives, self.dead_letters.refused())).raise_if_refused()
+            DeadLetterStatus(refused=refused_anywhere(self.collectives, first_refusal(self.sinks))).raise_if_refused()
         if decision.past_deadline:
             stalled_s = self.source.stalled_for()
             why = (f"broker unreachable for {stalled_s:.0f} s: {self.source.trouble}" if stalled_s
@@ -330,6 +338,10 @@ class JobWorker:
         self.labels.observe(sources=batch.sources, targets=result.targets, clean_labels=batch.clean_labels,
                             logits=result.out.logits, weights=result.out.weights,
                             global_examples=decision.examples, weights_active=result.weights_active)
+        if self.suspects is not None:
+            self.suspects.observe(step=self.counters.step, records=records, batch=batch, targets=result.targets,
+                                  logits=result.out.logits, weights=result.out.weights,
+                                  global_examples=decision.examples, weights_active=result.weights_active)
         # Timed past observe(), which reads the loss back: on a GPU the step's kernels have run
         # by then, so this is the step's time, not the time to launch it.
         self.step_times.observe(time.perf_counter() - started)
@@ -380,10 +392,14 @@ class JobWorker:
         all-reduces and, for the label quality per source, one all-gather); adds the window's
         noise detection and label quality to the job's totals."""
         mine, lag = self.window.sums(), self.source.lag_by_partition()
+        suspects = self.suspects.take_window() if self.suspects is not None else [0, 0, 0, 0]
         size = self.lag_vector_size(lag)
-        summed = self.collectives.sum([*mine, len(self.source.offset_resets), *lag_vector(lag, size)])
-        sums, resets, per_partition = summed[:len(mine)], summed[len(mine)], lag_from_vector(summed[len(mine) + 1:])
+        summed = self.collectives.sum([*mine, *suspects, len(self.source.offset_resets), *lag_vector(lag, size)])
+        sums, summed = summed[:len(mine)], summed[len(mine):]
+        suspect_sums, summed = summed[:len(suspects)], summed[len(suspects):]
+        resets, per_partition = summed[0], lag_from_vector(summed[1:])
         self.counters.noise.add(sums)
+        self.counters.suspects.add(suspect_sums)
         # Each rank's sources differ: their windows are merged by name, in rank order, on every rank.
         self.counters.labels.merge(self.collectives.gather(self.labels.as_rows()), max_sources=self.spec.max_sources)
         self.labels = LabelWindow(self.spec.codec.num_classes, self.spec.max_sources)
@@ -392,7 +408,7 @@ class JobWorker:
                 "lag": sum(per_partition.values()), "lag_per_partition": per_partition,
                 "offset_resets": int(resets), "checkpoint_seconds": self.checkpoint_seconds,
                 **self.step_times.fields(), **self.window.summary(sums, c.noise),
-                **c.labels.report(self.spec.codec.num_classes, self.eval_accuracy)}
+                **c.labels.report(self.spec.codec.num_classes, self.eval_accuracy), **c.suspects.report()}
 
     def lag_vector_size(self, lag: dict[int, int]) -> int:
         """The size of the per-partition lag vector, the same on every rank (one all-reduce): each
@@ -422,11 +438,11 @@ class JobWorker:
 
     def checkpoint(self, fields: dict[str, Any], *, final: bool = False) -> bool:
         """Write a checkpoint (Steps 1-4 of the module docstring) with the report ``fields``.
-        False when it was postponed: some rank's dead letters are not delivered yet (broker
-        unreachable), and a checkpoint past them could lose them."""
+        False when it was postponed: some rank's dead letters or suspect records are not delivered
+        yet (broker unreachable), and a checkpoint past them could lose them."""
         started = time.perf_counter()
         dead_letters = DeadLetterStatus.after_flush(  # Step 1
-            self.dead_letters, DLQ_FINAL_FLUSH_S if final else DLQ_PERIODIC_FLUSH_S).agree(self.collectives)
+            self.sinks, DLQ_FINAL_FLUSH_S if final else DLQ_PERIODIC_FLUSH_S).agree(self.collectives)
         dead_letters.raise_if_refused()
         if dead_letters.pending is not None:
             if final:

@@ -20,6 +20,7 @@ from ..errors import CheckpointError
 from .checkpoint_meta import CHECKPOINT_FORMAT, CheckpointMeta
 from .label_quality import LabelQuality
 from .metrics import NoiseTotals
+from .suspects import SuspectTotals
 
 # The generators each rank saves (workers.train.randomness.WorkerRandomness.state()); "global_cuda"
 # is there too when the rank trained on a GPU.
@@ -35,20 +36,21 @@ class Counters:
     rejected: int = 0
     noise: NoiseTotals = field(default_factory=NoiseTotals)
     labels: LabelQuality = field(default_factory=LabelQuality)
+    suspects: SuspectTotals = field(default_factory=SuspectTotals)
 
     def as_payload(self) -> dict[str, Any]:
         """Plain ints in the checkpoint's flat layout, and the label quality per source and class."""
         return {"step": self.step, "examples": self.examples, "rejected": self.rejected,
                 "noise_down": self.noise.down, "noise_corrupted": self.noise.corrupted, "noise_hit": self.noise.hit,
-                "label_quality": self.labels.as_payload()}
+                "label_quality": self.labels.as_payload(), "suspects": self.suspects.as_payload()}
 
     @classmethod
     def from_payload(cls, payload: Any) -> Counters:
         """Read :meth:`as_payload`'s layout back; raises CheckpointError on missing, negative or
         inconsistent counts. A checkpoint written before label quality was kept (no
-        ``label_quality``) restores empty totals."""
+        ``label_quality``) or suspects restores empty totals."""
         names = ("step", "examples", "rejected", "noise_down", "noise_corrupted", "noise_hit")
-        if not isinstance(payload, dict) or set(payload) - {"label_quality"} != set(names):
+        if not isinstance(payload, dict) or set(payload) - {"label_quality", "suspects"} != set(names):
             got = sorted(payload) if isinstance(payload, dict) else type(payload).__name__
             raise CheckpointError(f"checkpoint counters must be {list(names)}, got {got}")
         bad = [k for k in names if type(payload[k]) is not int or payload[k] < 0]
@@ -60,7 +62,8 @@ class Counters:
                                   f"noise_down {noise.down} or noise_corrupted {noise.corrupted}")
         labels = (LabelQuality.from_payload(payload["label_quality"]) if "label_quality" in payload
                   else LabelQuality())
-        return cls(payload["step"], payload["examples"], payload["rejected"], noise, labels)
+        suspects = SuspectTotals.from_payload(payload["suspects"]) if "suspects" in payload else SuspectTotals()
+        return cls(payload["step"], payload["examples"], payload["rejected"], noise, labels, suspects)
 
 
 @dataclass
