@@ -106,6 +106,14 @@ _SCALARS = (
     _Scalar("cicw_noise_recall", "Of the examples whose given label was wrong (clean-label header differs), "
                                  "the fraction down-weighted (cumulative).",
             lambda r: r.noise_recall, unit="ratio"),
+    _Scalar("cicw_suspects_published", "Records published to the suspects topic for review (job total).",
+            lambda r: r.suspects_published, kind="counter"),
+    _Scalar("cicw_suspects_precision", "Of the published suspects with a clean-label header, the fraction whose "
+                                       "given label was wrong (cumulative).",
+            lambda r: r.suspects_precision, unit="ratio"),
+    _Scalar("cicw_suspects_recall", "Of the wrong labels trained while suspects were published, the fraction "
+                                    "published (cumulative).",
+            lambda r: r.suspects_recall, unit="ratio"),
 )
 
 

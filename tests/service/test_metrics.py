@@ -345,3 +345,20 @@ def test_a_real_prometheus_scrapes_the_metrics(exporter: int, tmp_path: Path) ->
             process.kill()
             process.wait()
 
+
+
+def test_suspect_counts_are_exported_per_job() -> None:
+    from prometheus_client import generate_latest
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from service.core.metrics import JobMetricsView, build_registry
+    from service.jobs.schemas import JobState
+    from workers.report import JobReport
+
+    report = JobReport(step=9, examples=90, suspects_published=7, suspects_precision=0.857)
+    registry = build_registry(lambda: [JobMetricsView("q", JobState.RUNNING, report, None)])
+    samples = {s.name: s.value for f in text_string_to_metric_families(generate_latest(registry).decode())
+               for s in f.samples if s.labels.get("job") == "q"}
+    assert samples["cicw_suspects_published_total"] == 7
+    assert samples["cicw_suspects_precision_ratio"] == 0.857
+    assert "cicw_suspects_recall_ratio" not in samples  # undefined without clean labels: no sample, not NaN
