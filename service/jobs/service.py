@@ -165,8 +165,9 @@ class JobService:
         reason = result.error if state == JobState.FAILED else (
             result.report.stopped if result.report is not None and state == JobState.STOPPED else None)
         current = self.get(row.id)
-        if result.report is not None and current.last_report != result.report:
-            # The final report can reach the driver with the result only; store it as the last one.
+        if result.report is not None and (current.last_report is None or not current.last_report.final):
+            # The final report reaches the driver with the result only when the job's channel went
+            # before it was read (a failure); then it is stored as the last one.
             self.repo.add_reports(row.id, row.runs, [(current.last_seq + 1, self._clock(), result.report)])
         self.repo.transition(row.id, state, reason=reason, expected=(row.state,))
         self.launcher.release(row.id)

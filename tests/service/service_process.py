@@ -21,8 +21,11 @@ def free_port() -> int:
 
 
 class ServiceProcess:
-    def __init__(self, data_dir: Path, tokens: str, *, ray_num_cpus: int = 2) -> None:
+    def __init__(self, data_dir: Path, tokens: str, *, ray_num_cpus: int = 2, args: tuple[str, ...] = (),
+                 env: dict[str, str] | None = None) -> None:
         self.data_dir = data_dir
+        self._args = args
+        self._env = env or {}
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self._tokens = tokens
@@ -31,11 +34,11 @@ class ServiceProcess:
         self.log_path = data_dir / "serve.log"
 
     def start(self, *, ready_timeout_s: float = 120.0) -> ServiceProcess:
-        env = {**os.environ, "CICW_API_TOKENS": self._tokens}
+        env = {**os.environ, "CICW_API_TOKENS": self._tokens, **self._env}
         log = self.log_path.open("ab")
         self._proc = subprocess.Popen(
             [sys.executable, "-m", "service.cli", "serve", "--port", str(self.port), "--data-dir", str(self.data_dir),
-             "--ray-num-cpus", str(self._cpus)], stdout=log, stderr=subprocess.STDOUT, env=env,
+             "--ray-num-cpus", str(self._cpus), *self._args], stdout=log, stderr=subprocess.STDOUT, env=env,
             start_new_session=True)
         deadline = time.monotonic() + ready_timeout_s
         while time.monotonic() < deadline:
