@@ -21,9 +21,9 @@ from urllib.parse import urlsplit
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, SecretStr, ValidationError, field_validator
 
+from service.core.defaults import DEFAULT_URL
 from workers.errors import CicwStreamError
 
-DEFAULT_URL = "http://127.0.0.1:8321"
 ENV_URL, ENV_TOKEN, ENV_TIMEOUT, ENV_CONFIG = "CICW_URL", "CICW_TOKEN", "CICW_TIMEOUT", "CICW_CONFIG"
 # Group/other permission bits: a file holding a token should be readable by its owner alone.
 _SHARED_BITS = stat.S_IRWXG | stat.S_IRWXO

@@ -10,7 +10,7 @@ import logging
 import sys
 
 # Only the standard library at import: `cicw-stream --help` must stay fast.
-DEFAULT_PORT = 8321
+from .core.defaults import DEFAULT_PORT
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:

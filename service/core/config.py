@@ -12,7 +12,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, SecretStr
 
-from service.server import DEFAULT_PORT
+from .defaults import DEFAULT_HOST, DEFAULT_PORT
 
 
 class Settings(BaseModel):
@@ -26,7 +26,7 @@ class Settings(BaseModel):
     ray_address: str | None = Field(None, description="An existing Ray cluster (host:port); unset: an embedded "
                                                       "local head, started once and reused across restarts.")
     ray_num_cpus: PositiveInt | None = Field(None, description="CPUs of the embedded head (default: all).")
-    host: str = "127.0.0.1"
+    host: str = DEFAULT_HOST
     port: int = Field(DEFAULT_PORT, ge=0, le=65535)
     api_tokens: SecretStr | None = Field(None, description="'scope:token' pairs separated by commas "
                                                            "(scope: admin or read).")
