@@ -68,7 +68,7 @@ def job_spec(args: argparse.Namespace, workload: Workload, bootstrap: str, topic
         "source": {"bootstrap_servers": bootstrap, "topic": topic, "stop_at": "end", "batch_size": args.batch_size},
         "codec": workload.codec.model_dump(mode="json"),
         "model": {"name": args.model},
-        "cicw": CICWConfig(burn_in_steps=0).model_dump(mode="json"),
+        "cicw": CICWConfig(gate="steps", burn_in_steps=0).model_dump(mode="json"),
         "scaling": {"num_workers": args.workers, "use_gpu": args.gpu},
         "checkpoint": {"every_steps": args.checkpoint_every, "keep": 1, "storage_path": checkpoints},
         "report_every_steps": args.report_every,

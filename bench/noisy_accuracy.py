@@ -3,7 +3,9 @@
 Regimes:
 - ``replay``: a training subset replayed for many passes, so the model can memorise wrong labels
   (CE's test accuracy visibly peaks and then falls; the curve is plotted).
-- ``stream``: one pass over the whole training set, as a stream delivers it.
+- ``stream``: one pass over the whole training set, as a stream delivers it; ``--passes N``
+  makes it a longer stream (the training set N times over, reshuffled each pass), for when
+  each method's clean accuracy peaks and where it ends.
 - ``paper``: CIFAR-10 with PreAct ResNet-18 and the paper's protocol (50k steps, batch 128, SGD
   momentum 0.9 Nesterov, LR 0.1 -> 0.01 -> 0.001 -> 0.0001 at 11718/31250/42968, pad-4 crop and
   flip, 10% noisy validation split; reports clean test accuracy at the best noisy-validation step).
@@ -38,6 +40,7 @@ from workers.train.models import build_model
 # Sneaker 7, Bag 8, Ankle boot 9. Look-alike flips in the spirit of the CIFAR-10 map.
 FASHION_MNIST_ASYMMETRIC_MAP = {0: 6, 6: 0, 2: 4, 5: 7, 9: 5}
 METHODS = ("ce", "mixup", "gce", "ciw", "cicw", "cicw_m")
+WEIGHTED = ("ciw", "cicw", "cicw_m")
 # Settings per method beyond CICWConfig's defaults. cicw_m uses the defaults unchanged: that
 # is the claim under test (one configuration, no knowledge of the noise rate).
 METHOD_SETTINGS: dict[str, dict[str, object]] = {
@@ -67,7 +70,10 @@ class RunResult:
     seed: int
     final_test_acc: float
     best_val_test_acc: float
+    peak_test_acc: float
+    peak_step: int
     corrupted_weight_ratio: float | None
+    weights_from_step: int | None  # when the weights switched on (None: never)
     seconds: float
     curve: list[tuple[int, float, float]] = field(default_factory=list)  # (step, test acc, noisy val acc)
 
@@ -145,7 +151,7 @@ def run_one(method: str, setting: Setting, seed: int, data: Data, args: argparse
     opt = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9, nesterov=True,
                           weight_decay=args.weight_decay)
     steps = args.steps or (args.epochs * len(train_idx) // args.batch_size if args.regime == "replay"
-                           else len(train_idx) // args.batch_size)
+                           else args.passes * len(train_idx) // args.batch_size)
     milestones = [int(steps * f) for f in args.lr_milestones]
     sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=milestones, gamma=0.1)
     burn_in = int(steps * args.burn_in_fraction)
@@ -169,13 +175,13 @@ def run_one(method: str, setting: Setting, seed: int, data: Data, args: argparse
         idx = train_idx[perm[pos:pos + args.batch_size]]
         pos += args.batch_size
         x = prepare(data.train.images[idx], data, device, train=True)
-        out = loss_fn(model, x, noisy[idx].to(device))
+        out = loss_fn(model, x, noisy[idx].to(device), example_ids=idx.to(device))
         opt.zero_grad(set_to_none=True)
         out.loss.backward()
         opt.step()
         sched.step()
         loss_fn.step()
-        if step > burn_in and method in ("ciw", "cicw", "cicw_m"):
+        if not out.diagnostics.in_burn_in and method in WEIGHTED:
             scaled = out.weights.detach().cpu() * len(idx)
             bad = corrupted[idx]
             if bad.any() and (~bad).any():
@@ -187,9 +193,11 @@ def run_one(method: str, setting: Setting, seed: int, data: Data, args: argparse
                        if n_val else float("nan"))
             curve.append((step, test_acc, val_acc))
     best = max(curve, key=lambda c: (c[2], c[0])) if n_val else curve[-1]
+    peak = max(curve, key=lambda c: (c[1], -c[0]))
     return RunResult(method=method, setting=setting.label, seed=seed, final_test_acc=curve[-1][1],
-                     best_val_test_acc=best[1],
+                     best_val_test_acc=best[1], peak_test_acc=peak[1], peak_step=peak[0],
                      corrupted_weight_ratio=(w_corrupt / w_clean) if w_clean else None,
+                     weights_from_step=loss_fn.schedule.weights_start if method in WEIGHTED else None,
                      seconds=time.perf_counter() - start, curve=curve)
 
 
@@ -201,7 +209,8 @@ def parse_settings(text: str) -> list[Setting]:
     return out
 
 
-def markdown_table(results: list[RunResult], key: str, settings: list[Setting], methods: list[str]) -> str:
+def markdown_table(results: list[RunResult], key: str, settings: list[Setting], methods: list[str],
+                   step_key: str | None = None) -> str:
     cols = [s.label for s in settings]
     lines = ["| method | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
     for m in methods:
@@ -217,6 +226,9 @@ def markdown_table(results: list[RunResult], key: str, settings: list[Setting], 
             mean = statistics.mean(vals)
             spread = (max(vals) - min(vals)) / 2
             text = f"{mean:.1f} ± {spread:.1f}"
+            if step_key is not None:
+                steps = [getattr(r, step_key) for r in results if r.method == m and r.setting == c]
+                text += f" [{statistics.mean(steps):.0f}]"
             cells.append(f"**{text}**" if abs(mean - best) < 1e-9 else text)
         lines.append(f"| {m} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -275,6 +287,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", default=None, help="default: mlp (fashion_mnist), preact_resnet18 (cifar10)")
     p.add_argument("--subset", type=int, default=5000, help="replay: training subset size")
     p.add_argument("--epochs", type=int, default=40, help="replay: passes over the subset")
+    p.add_argument("--passes", type=int, default=1, help="stream: passes over the training set")
     p.add_argument("--steps", type=int, default=0, help="override the number of optimizer steps")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--lr", type=float, default=0.05)
@@ -322,15 +335,21 @@ def main(argv: list[str] | None = None) -> int:
                 results.append(r)
                 ratio = f"{r.corrupted_weight_ratio:.2f}" if r.corrupted_weight_ratio is not None else "-"
                 print(f"{setting.label:>10} seed {seed} {method:>7}: final {r.final_test_acc:.4f} "
-                      f"best-val {r.best_val_test_acc:.4f} corrupt/clean weight {ratio} ({r.seconds:.0f}s)",
+                      f"best-val {r.best_val_test_acc:.4f} corrupt/clean weight {ratio} "
+                      f"peak {r.peak_test_acc:.4f} at step {r.peak_step} "
+                      f"weights from step {r.weights_from_step} ({r.seconds:.0f}s)",
                       file=sys.stderr, flush=True)
         (out_dir / "results.json").write_text(json.dumps([asdict(r) for r in results]))
 
     title = f"{args.dataset} {args.regime}"
+    if args.regime == "stream" and args.passes > 1:
+        title += f" ({args.passes} passes)"
     report = [f"### {title}: final clean test accuracy (%), mean ± half-range over {args.seeds} seeds",
               "", markdown_table(results, "final_test_acc", settings, methods), "",
               f"### {title}: clean test accuracy (%) at the best noisy-validation step", "",
-              markdown_table(results, "best_val_test_acc", settings, methods), ""]
+              markdown_table(results, "best_val_test_acc", settings, methods), "",
+              f"### {title}: peak clean test accuracy (%) during training [mean step of the peak]", "",
+              markdown_table(results, "peak_test_acc", settings, methods, step_key="peak_step"), ""]
     text = "\n".join(report)
     print(text)
     (out_dir / "table.md").write_text(text)

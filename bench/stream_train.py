@@ -165,7 +165,7 @@ def make_trainer(model_name: str, codec: CodecSpec, device: torch.device) -> Lea
     torch.manual_seed(0)
     model = build_model(model_name, in_shape=codec.input_shape, num_classes=codec.num_classes).to(device)
     optimizer, scheduler = build_optimizer(OptimizerSpec(), model.parameters())
-    loss_fn = CICWLoss(CICWConfig(burn_in_steps=0), num_classes=codec.num_classes,
+    loss_fn = CICWLoss(CICWConfig(gate="steps", burn_in_steps=0), num_classes=codec.num_classes,
                        generator=torch.Generator(device=device).manual_seed(1234))
     return Learner(model, optimizer, scheduler, loss_fn, device)
 

@@ -49,7 +49,22 @@ class CICWConfig(BaseModel):
         True, description="Weighted class-reweighted loss on the mixed batch (CICW-M); "
                           "False: plain mean CE on it.")
     gce_q: float = Field(0.7, gt=0, le=1, description="GCE exponent q.")
-    burn_in_steps: int = Field(4000, ge=0, description="Steps of plain training first.")
+    # "memorization" rather than a step count alone: in one pass over a stream the weights and
+    # mixup only cost accuracy (and can collapse a weak model onto one class at extreme noise);
+    # they pay once the model starts fitting labels it has seen (BENCHMARKS.md, cicw/gate.py).
+    gate: Literal["memorization", "steps"] = Field(
+        "memorization", description="When weighting and mixup switch on: 'memorization' when the "
+        "loss of trained-on examples falls significantly below that of a held-out fraction "
+        "(needs example ids), after at least burn_in_steps; 'steps' after burn_in_steps.")
+    holdout_fraction: float = Field(
+        0.0625, gt=0, lt=0.5, allow_inf_nan=False,
+        description="Fraction of examples (by id) never trained on, for the memorization gate.")
+    gate_z: float = Field(3.0, gt=0, allow_inf_nan=False,
+                          description="Standard errors the loss gap must reach to open the gate.")
+    gate_decay: float = Field(0.02, gt=0, lt=1, allow_inf_nan=False,
+                              description="Per-step decay of the gate's running loss means.")
+    burn_in_steps: int = Field(4000, ge=0, description="Steps of plain training first (with the "
+                                                       "memorization gate: at least these).")
     anneal_steps: int = Field(3000, ge=0, description="Steps of lam annealing after burn-in.")
     anneal_factor: float = Field(10.0, ge=1, allow_inf_nan=False,
                                  description="lam starts at anneal_factor * lam.")
@@ -60,6 +75,11 @@ class CICWConfig(BaseModel):
         if self.instance_divergence == "tv" and self.radius is None:
             raise ValueError("radius is required when instance_divergence is 'tv'")
         return self
+
+    @property
+    def gated(self) -> bool:
+        """Whether the memorization gate decides when weights switch on (a holdout is kept)."""
+        return self.gate == "memorization" and self.uses_instance_weights
 
     @property
     def uses_instance_weights(self) -> bool:

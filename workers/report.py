@@ -58,7 +58,13 @@ class CICWStepStats(_Metrics):
                                           "the label is absent from the batch.")
     class_mass_moved: float | None = Field(None, description="Mean label mass the class weights moved.")
     lam: float | None = Field(None, description="The instance-weight temperature in force.")
-    in_burn_in: bool = Field(False, description="True while weights are still uniform (burn-in).")
+    in_burn_in: bool = Field(False, description="True while weights are still out of the loss (burn-in, or "
+                                                "the memorization gate still shut).")
+    generalisation_gap: float | None = Field(
+        None, description="Memorization gate: running mean cross entropy of held-out examples minus that of "
+                          "trained-on ones (nats); the gate opens when it is significant. None without the gate.")
+    weights_from_step: int | None = Field(
+        None, description="The step from which the weights are in the loss (None: not known yet, the gate is shut).")
 
     @field_validator("weight_histogram")
     @classmethod

@@ -52,7 +52,9 @@ def train(method: str, x: Tensor, y: Tensor, x_test: Tensor, y_test: Tensor, *, 
     torch.manual_seed(seed)
     model = _mlp()
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    config = CICWConfig(method=method, lam=lam, burn_in_steps=steps // 5, anneal_steps=steps // 5)
+    # A step schedule: a small MLP on 2-D points hardly memorises, so the memorization gate
+    # would keep the weights off, and this example is here to show what they do.
+    config = CICWConfig(method=method, lam=lam, gate="steps", burn_in_steps=steps // 5, anneal_steps=steps // 5)
     loss_fn = CICWLoss(config, num_classes=2)
     g = torch.Generator().manual_seed(seed)
     for _ in range(steps):

@@ -95,6 +95,12 @@ _SCALARS = (
     _Scalar("cicw_effective_sample_size", "Effective sample size 1/sum(w^2) of the instance weights on the "
                                           "latest reported step (examples; the batch size when uniform).",
             lambda r: r.cicw.ess if r.cicw is not None else None),
+    _Scalar("cicw_weights_in_loss", "1 once the instance weights (and weighted mixup) are in the loss, 0 while "
+                                    "the job trains like cross entropy (burn-in, or the memorization gate shut).",
+            lambda r: (0.0 if r.cicw.in_burn_in else 1.0) if r.cicw is not None else None),
+    _Scalar("cicw_generalisation_gap", "Memorization gate: mean cross entropy of held-out examples minus that of "
+                                       "trained-on ones, in nats (the gate opens when it is significant).",
+            lambda r: r.cicw.generalisation_gap if r.cicw is not None else None),
     _Scalar("cicw_down_weighted", "Fraction of the latest reported step's examples with N*w < 1/4.",
             lambda r: r.cicw.low_weight_fraction if r.cicw is not None else None, unit="ratio"),
     _Scalar("cicw_class_weight_mass_moved", "Mean label mass the class weights moved off the given label on the "

@@ -40,7 +40,7 @@ def _global_batch(total: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _step(model: nn.Module, name: str, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
-    cfg = cicw.CICWConfig(**CONFIGS[name], burn_in_steps=0, anneal_steps=0)
+    cfg = cicw.CICWConfig(**CONFIGS[name], gate="steps", burn_in_steps=0, anneal_steps=0)
     loss_fn = cicw.CICWLoss(cfg, num_classes=K, generator=torch.Generator().manual_seed(7))
     model.zero_grad()
     out = loss_fn(model, x, y)

@@ -44,7 +44,7 @@ def _bn_model() -> nn.Module:
 
 def _learner(model: nn.Module, world_size: int) -> Learner:
     optimizer, scheduler = build_optimizer(OptimizerSpec(), model.parameters())
-    loss_fn = CICWLoss(CICWConfig(method="cicw", burn_in_steps=0, anneal_steps=0), num_classes=3,
+    loss_fn = CICWLoss(CICWConfig(method="cicw", gate="steps", burn_in_steps=0, anneal_steps=0), num_classes=3,
                        generator=torch.Generator().manual_seed(1))
     return Learner(model, optimizer, scheduler, loss_fn, torch.device("cpu"), world_size=world_size)
 

@@ -39,7 +39,8 @@ def _state(spec: JobSpec, *, world: int = 2) -> TrainState:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 5), nn.BatchNorm1d(5), nn.Linear(5, 3))
     optimizer, scheduler = build_optimizer(OptimizerSpec(lr_milestones=[3]), model.parameters())
-    loss_fn = CICWLoss(CICWConfig(burn_in_steps=1), num_classes=3, generator=torch.Generator().manual_seed(0))
+    loss_fn = CICWLoss(CICWConfig(gate="steps", burn_in_steps=1), num_classes=3,
+                       generator=torch.Generator().manual_seed(0))
     learner = Learner(model, optimizer, scheduler, loss_fn, torch.device("cpu"))
     learner.step(torch.randn(6, 4), torch.tensor([0, 1, 2, 0, 1, 2]))
     counters = Counters(step=1, examples=6, rejected=2, noise=NoiseTotals(down=3, corrupted=2, hit=1))

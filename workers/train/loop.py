@@ -145,10 +145,12 @@ def build_learner(spec: JobSpec, state: TrainState | None, *, rank: int, collect
                    augment), randomness
 
 
-def cicw_stats(out: CICWOutput) -> CICWStepStats:
+def cicw_stats(out: CICWOutput, loss_fn: CICWLoss) -> CICWStepStats:
     """The CICW diagnostics of a step, as reported (synchronises with the device)."""
     d = out.diagnostics.as_dict()
-    return CICWStepStats.model_validate({**d, "in_burn_in": bool(d["in_burn_in"])})
+    gap = loss_fn.gate.gap if loss_fn.gate is not None else None
+    return CICWStepStats.model_validate({**d, "in_burn_in": bool(d["in_burn_in"]), "generalisation_gap": gap,
+                                         "weights_from_step": loss_fn.schedule.weights_start})
 
 
 @dataclass(frozen=True)
@@ -333,14 +335,14 @@ class JobWorker:
         self.counters.step += 1
         self.counters.examples += decision.examples
         self.window.observe(loss=result.out.loss, targets=result.targets, clean_labels=batch.clean_labels,
-                            logits=result.out.logits, weights=result.out.weights,
+                            logits=result.out.logits, weights=result.judged_weights,
                             global_examples=decision.examples, weights_active=result.weights_active)
         self.labels.observe(sources=batch.sources, targets=result.targets, clean_labels=batch.clean_labels,
-                            logits=result.out.logits, weights=result.out.weights,
+                            logits=result.out.logits, weights=result.judged_weights,
                             global_examples=decision.examples, weights_active=result.weights_active)
         if self.suspects is not None:
             self.suspects.observe(step=self.counters.step, records=records, batch=batch, targets=result.targets,
-                                  logits=result.out.logits, weights=result.out.weights,
+                                  logits=result.out.logits, weights=result.judged_weights,
                                   global_examples=decision.examples, weights_active=result.weights_active)
         # Timed past observe(), which reads the loss back: on a GPU the step's kernels have run
         # by then, so this is the step's time, not the time to launch it.
@@ -367,7 +369,7 @@ class JobWorker:
         eval_due = evaluation is not None and step % evaluation.every_steps == 0
         if not (step % self.spec.report_every_steps == 0 or due or eval_due):
             return
-        fields = {**self.window_fields(), "cicw": cicw_stats(result.out)}
+        fields = {**self.window_fields(), "cicw": cicw_stats(result.out, self.learner.loss_fn)}
         if eval_due:
             fields.update(self.evaluate())
         self.window, self.last_idle_report = MetricWindow(), time.monotonic()

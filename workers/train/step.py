@@ -13,6 +13,7 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
 from cicw import CICWLoss, CICWOutput
+from cicw.gate import feature_ids
 
 from ..spec import OptimizerSpec
 from .augment import pad_crop_flip
@@ -33,12 +34,21 @@ def build_optimizer(spec: OptimizerSpec, params: Iterable[nn.Parameter],
 
 @dataclass(frozen=True)
 class StepResult:
-    """What one step computed: the CICW output (loss, weights, logits, diagnostics), the targets
-    on the device, and whether the instance weights were in force (not burn-in)."""
+    """What one step computed: the CICW output (loss, weights, logits, diagnostics) and the
+    targets on the device."""
 
     out: CICWOutput
     targets: Tensor
-    weights_active: bool
+
+    @property
+    def weights_active(self) -> bool:
+        """Whether the weights judge the labels yet (past the minimum burn-in; in the loss or not)."""
+        return self.out.assessed_weights is not None
+
+    @property
+    def judged_weights(self) -> Tensor:
+        """[n] the weights reports of label quality read: assessed ones when there are any."""
+        return self.out.weights if self.out.assessed_weights is None else self.out.assessed_weights
 
 
 @dataclass
@@ -66,10 +76,12 @@ class Learner:
         """Train on this rank's share of a global batch: x [n, *input_shape], y [n] class indices
         or [n, K] probabilities (n may be 0 on some ranks, never on all)."""
         x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+        # Identified by content before augmentation, so a replayed record keeps its id (and its
+        # side of the memorization gate's holdout).
+        ids = feature_ids(x) if self.loss_fn.gate is not None else None
         if self.augment is not None:
             x = pad_crop_flip(x, generator=self.augment)
-        weights_active = not self.loss_fn.schedule.in_burn_in  # for this step, before loss_fn.step()
-        out = self.loss_fn(self.model, x, y)
+        out = self.loss_fn(self.model, x, y, example_ids=ids)
         # DDP averages gradients over ranks; each rank's loss is its share of the global
         # weighted loss, so scaling by the world size yields the global loss's gradient.
         (out.loss * self.world_size if self.world_size > 1 else out.loss).backward()
@@ -77,7 +89,7 @@ class Learner:
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
         self.loss_fn.step()
-        return StepResult(out, y, weights_active)
+        return StepResult(out, y)
 
     def state_dicts(self) -> dict[str, Any]:
         """model, optimizer, scheduler and loss state dicts, as a checkpoint holds them."""
