@@ -22,6 +22,8 @@ from typing import Any
 
 from .errors import CicwStreamError, RayClusterError
 from .kafka.clients import make_client
+from .kafka.dead_letters import DLQ_SUFFIX
+from .kafka.topics import ensure_topic
 from .report import JobReport, JobResult, JobStatus
 from .spec import JobSpec
 from .storage import redact_uri
@@ -71,7 +73,8 @@ def probe_ray_address(address: str, *, timeout_s: float) -> None:
 def preflight(spec: JobSpec, model_packages: tuple[str, ...]) -> None:
     """Fail in seconds, naming the cause, on what would otherwise fail on every worker after Ray
     starts: an unknown or bad model, an unreachable broker, a missing topic, a checkpoint to
-    resume from that was written for other data (another topic or codec).
+    resume from that was written for other data (another topic or codec). Creates the topics the
+    job writes to (:func:`output_topics`, one partition) where they do not exist yet.
 
     Raises ModelError (model), SourceClientError (broker, topic) or CheckpointError.
     """
@@ -86,9 +89,23 @@ def preflight(spec: JobSpec, model_packages: tuple[str, ...]) -> None:
             client.partitions(topic, src.metadata_timeout_s)
     finally:
         client.close()
+    for topic in output_topics(spec):
+        # Where the cluster does not create topics on first write, a record routed to a missing
+        # topic would stop the job mid-stream; created here (or refused, naming it) it cannot.
+        ensure_topic(src.bootstrap_servers, topic, 1, src.client_config, timeout_s=src.metadata_timeout_s)
     # The workers check it too, but only after Ray started them (and retried max_failures times).
     if (durable := latest_checkpoint(storage_location(spec), spec.job_id)) is not None:
         read_meta(durable.location).check_resumable(spec)
+
+
+def output_topics(spec: JobSpec) -> list[str]:
+    """The topics a job writes to: the dead-letter topic of each topic it reads, and the
+    suspects topic when it publishes suspects."""
+    read = [spec.source.topic] + ([spec.evaluation.topic] if spec.evaluation and spec.evaluation.topic else [])
+    topics = [topic + DLQ_SUFFIX for topic in read]
+    if spec.suspects is not None:
+        topics.append(spec.suspects.topic_for(spec.source.topic))
+    return topics
 
 
 def storage_location(spec: JobSpec) -> str:
