@@ -1,4 +1,5 @@
-"""Label quality per source through the real broker and a real job (local Ray, 2 DDP workers)."""
+"""Label quality per source through the real broker and a real job (local Ray, 2 DDP workers),
+across a resume."""
 
 from __future__ import annotations
 
@@ -24,21 +25,28 @@ NOISE = {"clean-feed": 0.0, "crowd": 0.3, "scraped": 0.7}  # symmetric: a wrong 
 PER_SOURCE, CLASSES, DIM = 1200, 5, 12
 
 
-def _produce(bootstrap: str, topic: str, partitions: int) -> None:
-    """PER_SOURCE records of each source, interleaved at random: Gaussian blobs of CLASSES
-    classes, the given label flipped to another class at the source's rate, the true label in
-    the clean-label header."""
+def _records(partitions: int) -> list[tuple[int, bytes, int]]:
+    """PER_SOURCE records of each source, interleaved at random, as (partition, value, true
+    label): Gaussian blobs of CLASSES classes, the given label flipped to another class at the
+    source's rate."""
     rng = np.random.default_rng(7)
     names = np.repeat(list(NOISE), PER_SOURCE)
     rng.shuffle(names)
     centres = rng.normal(size=(CLASSES, DIM)) * 3
-    producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 5})
+    out = []
     for i, name in enumerate(names.tolist()):
         y = int(rng.integers(CLASSES))
         x = centres[y] + rng.normal(size=DIM)
         given = (y + int(rng.integers(1, CLASSES))) % CLASSES if rng.random() < NOISE[name] else y
-        producer.produce(topic, partition=i % partitions, headers=[("clean_label", str(y).encode())],
-                         value=json.dumps({"x": x.round(4).tolist(), "y": given, "source": name}).encode())
+        out.append((i % partitions, json.dumps({"x": x.round(4).tolist(), "y": given, "source": name}).encode(), y))
+    return out
+
+
+def _produce(bootstrap: str, topic: str, records: list[tuple[int, bytes, int]]) -> None:
+    """The records, with the true label in the clean-label header."""
+    producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 5})
+    for partition, value, y in records:
+        producer.produce(topic, partition=partition, headers=[("clean_label", str(y).encode())], value=value)
     producer.flush(30)
 
 
@@ -47,7 +55,9 @@ def test_noise_per_source_is_estimated_and_ranked(kafka_broker: EmbeddedBroker, 
     topic = f"sources-{uuid.uuid4().hex[:8]}"
     ensure_topic(kafka_broker.bootstrap, topic, 2)
     ensure_topic(kafka_broker.bootstrap, dlq_topic(topic), 1)
-    _produce(kafka_broker.bootstrap, topic, 2)
+    records = _records(2)
+    half = len(records) // 2
+    _produce(kafka_broker.bootstrap, topic, records[:half])
     spec = JobSpec.model_validate({
         "job_id": "test-" + uuid.uuid4().hex[:6],
         "source": {"bootstrap_servers": kafka_broker.bootstrap, "topic": topic, "stop_at": "end", "batch_size": 32},
@@ -58,6 +68,13 @@ def test_noise_per_source_is_estimated_and_ranked(kafka_broker: EmbeddedBroker, 
         "checkpoint": {"every_steps": 20, "storage_path": str(tmp_path / "ckpt")},
         "report_every_steps": 10,
     })
+    # Half the stream, then the same job again once the rest has arrived: the second run resumes
+    # from the first one's checkpoint, and the per-source totals carry over.
+    first = run_job(spec)
+    assert first.state == "finished" and first.error is None, first.error
+    assert first.report is not None and first.report.examples == half
+    assert sum(q.records for q in first.report.sources) == half
+    _produce(kafka_broker.bootstrap, topic, records[half:])
     reports: list[JobReport] = []
     result = run_job(spec, on_report=reports.append)
     assert result.state == "finished" and result.error is None, result.error
