@@ -182,7 +182,8 @@ def run_one(method: str, setting: Setting, seed: int, data: Data, args: argparse
         sched.step()
         loss_fn.step()
         if not out.diagnostics.in_burn_in and method in WEIGHTED:
-            scaled = out.weights.detach().cpu() * len(idx)
+            judged = out.weights if out.assessed_weights is None else out.assessed_weights  # held-out rows too
+            scaled = judged.detach().cpu() * len(idx)
             bad = corrupted[idx]
             if bad.any() and (~bad).any():
                 w_corrupt += float(scaled[bad].mean())

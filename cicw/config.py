@@ -35,6 +35,14 @@ class CICWConfig(BaseModel):
                                    "smaller = more aggressive down-weighting.")
     radius: float | None = Field(None, ge=0, le=1,
                                  description="TV budget for instance_divergence='tv'.")
+    # 1 (every given label keeps its share of the batch's weight) rather than no cap: a weak
+    # model's preferred class has the lowest losses, and free weights pile onto it until
+    # training collapses onto that class (at 80% noise on Fashion-MNIST with the weights on
+    # from step 42: 34% with no cap, 62% with 2, 65% with 1.5, 74% with 1; BENCHMARKS.md).
+    class_share_cap: float | None = Field(
+        1.0, ge=1, allow_inf_nan=False,
+        description="Each given label's total instance weight is at most this many times its share of the "
+                    "batch: 1 = weights move only within a class; None: no limit.")
     class_divergence: Literal["none", "kl", "tv", "l1", "l2"] = Field(
         "kl", description="Class reweighting divergence (cicw and cicw_m).")
     gamma: float = Field(0.01, ge=0, allow_inf_nan=False, description="Class reweighting budget.")
@@ -61,6 +69,7 @@ class CICWConfig(BaseModel):
         description="Fraction of examples (by id) never trained on, for the memorization gate.")
     gate_z: float = Field(3.0, gt=0, allow_inf_nan=False,
                           description="Standard errors the loss gap must reach to open the gate.")
+    gate_patience: int = Field(50, ge=1, description="Consecutive steps the gap must stay significant.")
     gate_decay: float = Field(0.02, gt=0, lt=1, allow_inf_nan=False,
                               description="Per-step decay of the gate's running loss means.")
     burn_in_steps: int = Field(4000, ge=0, description="Steps of plain training first (with the "

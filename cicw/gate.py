@@ -93,10 +93,12 @@ class _DecayedMoments:
 
 
 class MemorizationGate:
-    """Opens, once and for good, when the mean loss of the examples trained on falls
+    """Opens, once and for good, when the mean loss of the examples trained on stays
     significantly below that of the held-out examples.
 
-    ``z``: how many standard errors the gap must reach; ``decay``: per-step decay of the running
+    ``z``: how many standard errors the gap must reach; ``patience``: for how many consecutive
+    steps (a running mean checked every step crosses any threshold now and then by chance over
+    a long stream; memorisation does not come and go); ``decay``: per-step decay of the running
     means (0.02 looks back about 50 steps); ``min_holdout``: held-out examples (effective count)
     needed before any decision.
 
@@ -109,10 +111,12 @@ class MemorizationGate:
         True
     """
 
-    def __init__(self, *, z: float = 3.0, decay: float = 0.02, min_holdout: int = 64) -> None:
-        if not z > 0 or not 0 < decay < 1 or min_holdout < 2:
-            raise ValueError("need z > 0, 0 < decay < 1 and min_holdout >= 2")
+    def __init__(self, *, z: float = 3.0, patience: int = 50, decay: float = 0.02, min_holdout: int = 64) -> None:
+        if not z > 0 or patience < 1 or not 0 < decay < 1 or min_holdout < 2:
+            raise ValueError("need z > 0, patience >= 1, 0 < decay < 1 and min_holdout >= 2")
         self.z = float(z)
+        self.patience = int(patience)
+        self.streak = 0  # consecutive steps with the gap above z standard errors
         self.decay = float(decay)
         self.min_holdout = int(min_holdout)
         self.train = _DecayedMoments()
@@ -147,17 +151,21 @@ class MemorizationGate:
         ranks so that every rank decides alike."""
         self.train.add(self.decay, *train)
         self.holdout.add(self.decay, *holdout)
-        if self.opened_at is None and self.z_score > self.z:
+        if self.opened_at is not None:
+            return
+        self.streak = self.streak + 1 if self.z_score > self.z else 0
+        if self.streak >= self.patience:
             self.opened_at = step
 
     def state_dict(self) -> dict[str, Any]:
-        return {"version": _STATE_VERSION, "opened_at": self.opened_at,
+        return {"version": _STATE_VERSION, "opened_at": self.opened_at, "streak": self.streak,
                 "train": vars(self.train).copy(), "holdout": vars(self.holdout).copy()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state.get("version") != _STATE_VERSION:
             raise ValueError(f"unsupported MemorizationGate state version {state.get('version')!r}")
         self.opened_at = state["opened_at"]
+        self.streak = int(state["streak"])
         self.train = _DecayedMoments(**state["train"])
         self.holdout = _DecayedMoments(**state["holdout"])
 

@@ -123,3 +123,29 @@ def _tv_weights(l: Tensor, radius: float) -> Tensor:
     sorted_w = torch.full_like(l, 1.0 / n) - taken
     sorted_w[-1] += taken.sum()
     return torch.empty_like(l).scatter_(0, order, sorted_w)
+
+
+
+def cap_class_shares(weights: Tensor, labels: Tensor, num_classes: int, cap: float) -> Tensor:
+    """Limit each given label's total weight to ``cap`` times its share of the examples; the
+    other classes are scaled up alike to keep the sum at 1 (water-filling): weights still move
+    between classes (a class the model disputes can lose weight) but cannot pile onto one.
+    ``cap`` = 1 gives every class exactly its share.
+
+    Shape: weights [N] (summing to 1), labels [N] int64 in [0, K) -> [N], summing to 1.
+    """
+    if weights.numel() == 0:
+        return weights
+    tiny = torch.finfo(weights.dtype).tiny
+    limit = cap * torch.bincount(labels, minlength=num_classes).to(weights.dtype) / weights.numel()
+    per_class = torch.zeros(num_classes, dtype=weights.dtype, device=weights.device).index_add_(0, labels, weights)
+    capped = per_class > limit
+    target = per_class
+    for _ in range(num_classes):  # each round caps at least one more class, or ends
+        free = (1 - limit[capped].sum()) / per_class[~capped].sum().clamp_min(tiny)
+        target = torch.where(capped, limit, per_class * free)
+        newly = ~capped & (target > limit * (1 + 1e-12))
+        if not bool(newly.any()):
+            break
+        capped |= newly
+    return weights * (target / per_class.clamp_min(tiny))[labels]

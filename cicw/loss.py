@@ -16,7 +16,7 @@ from .config import CICWConfig
 from .diagnostics import CICWDiagnostics
 from .distributed import GlobalBatch, all_reduce_sum, gather_rows, resolve_group
 from .gate import MemorizationGate, holdout_mask
-from .instance import global_instance_weights
+from .instance import cap_class_shares, global_instance_weights
 from .mixup import weighted_mixup
 from .schedule import Schedule
 from .validation import check_targets
@@ -83,7 +83,8 @@ class CICWLoss(nn.Module):
         self.generator = generator
         self.schedule = Schedule(config.burn_in_steps, config.anneal_steps, config.anneal_factor,
                                  gated=config.gated)
-        self.gate = MemorizationGate(z=config.gate_z, decay=config.gate_decay) if config.gated else None
+        self.gate = (MemorizationGate(z=config.gate_z, patience=config.gate_patience, decay=config.gate_decay)
+                     if config.gated else None)
 
     def step(self) -> None:
         """Advance the schedule by one optimizer step."""
@@ -184,7 +185,7 @@ class CICWLoss(nn.Module):
         with torch.no_grad():
             inner, v, moved = self._inner(log_probs, targets, class_div)
             stats = _gather_stats(inner, labels, moved, batch, group, trained)
-            w = self._weights(stats[0], lam, reweight=reweight, trained=stats[3])
+            w = self._weights(stats[0], lam, reweight=reweight, labels=stats[1], trained=stats[3])
             assessed = self._assessed(stats, w, cfg.lam if burn_in else lam)
         loss = _weighted_nll(log_probs, w[batch.local], v)
         return self._diagnosed(loss, logits.detach(), stats, w, batch, lam, burn_in, assessed)
@@ -201,7 +202,7 @@ class CICWLoss(nn.Module):
             logits = model(inputs)
             clean, _, moved = self._inner(F.log_softmax(logits.float(), dim=-1), targets, class_div)
         stats = _gather_stats(clean, labels, moved, batch, group, trained)
-        w_clean = self._weights(stats[0], lam, reweight=True, trained=stats[3])
+        w_clean = self._weights(stats[0], lam, reweight=True, labels=stats[1], trained=stats[3])
         rows = slice(None) if trained is None else trained.nonzero(as_tuple=True)[0]
         x_t, y_t, w_t = inputs[rows], self._soft(targets)[rows], w_clean[batch.local][rows]
         x_mix, y_mix = weighted_mixup(
@@ -213,7 +214,8 @@ class CICWLoss(nn.Module):
         if cfg.recompute_on_mixed:
             with torch.no_grad():
                 mixed, v_mixed, _ = self._inner(mixed_log_probs, y_mix, class_div)
-                w_mixed = self._weights(gather_rows(mixed, mixed_batch, group), lam, reweight=True)
+                both = gather_rows(torch.stack([mixed, y_mix.argmax(1).to(mixed.dtype)], 1), mixed_batch, group)
+                w_mixed = self._weights(both[:, 0], lam, reweight=True, labels=both[:, 1])
             loss = _weighted_nll(mixed_log_probs, w_mixed[mixed_batch.local], v_mixed)
         else:
             uniform = torch.full((x_t.shape[0],), 1.0 / max(mixed_batch.total, 1), device=inputs.device)
@@ -250,21 +252,27 @@ class CICWLoss(nn.Module):
         assert v is not None
         return inner, v, moved
 
-    def _weights(self, all_losses: Tensor, lam: float, *, reweight: bool, trained: Tensor | None = None) -> Tensor:
-        """Instance weights of the global batch [N] (float64); rows not ``trained`` ([N] bool,
-        the held-out ones) get weight 0 and the others share 1."""
+    def _weights(self, all_losses: Tensor, lam: float, *, reweight: bool, labels: Tensor | None = None,
+                 trained: Tensor | None = None) -> Tensor:
+        """Instance weights of the global batch [N] (float64) from its losses [N] and given labels
+        [N] (for ``class_share_cap``); rows not ``trained`` ([N] bool, the held-out ones) get
+        weight 0 and the others share 1."""
         total = all_losses.shape[0]
         if trained is not None:
             rows = trained.nonzero(as_tuple=True)[0]
             w = torch.zeros(total, dtype=torch.float64, device=all_losses.device)
             if rows.numel():
-                w[rows] = self._weights(all_losses[rows], lam, reweight=reweight)
+                w[rows] = self._weights(all_losses[rows], lam, reweight=reweight,
+                                        labels=None if labels is None else labels[rows])
             return w
         if not reweight:
             return torch.full((total,), 1.0 / max(total, 1), dtype=torch.float64, device=all_losses.device)
         cfg = self.config
-        return global_instance_weights(all_losses, divergence=cfg.instance_divergence,
-                                       alpha=cfg.alpha, lam=lam, radius=cfg.radius)
+        w = global_instance_weights(all_losses, divergence=cfg.instance_divergence,
+                                    alpha=cfg.alpha, lam=lam, radius=cfg.radius)
+        if cfg.class_share_cap is not None and labels is not None:
+            w = cap_class_shares(w, labels.long(), self.num_classes, cfg.class_share_cap)
+        return w
 
     def _assessed(self, stats: _Stats, applied: Tensor, lam: float) -> Tensor | None:
         """The instance weights [N] of every row of the global batch, held-out ones included,
@@ -275,7 +283,7 @@ class CICWLoss(nn.Module):
         if stats[3] is None and not self.schedule.in_burn_in:
             return applied
         with torch.no_grad():
-            return self._weights(stats[0], lam, reweight=True)
+            return self._weights(stats[0], lam, reweight=True, labels=stats[1])
 
     def _diagnosed(self, loss: Tensor, logits: Tensor | None, stats: _Stats, w: Tensor,
                    batch: GlobalBatch, lam: float, burn_in: bool, assessed: Tensor | None = None) -> CICWOutput:

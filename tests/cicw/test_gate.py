@@ -47,16 +47,35 @@ def test_gate_stays_shut_without_a_gap_and_opens_on_one() -> None:
         shut = MemorizationGate()
         _feed(shut, 2.0, 2.0, 600, seed)
         assert not shut.is_open, (seed, shut.z_score)
-    gate = MemorizationGate()
+    gate = MemorizationGate(patience=50)
     _feed(gate, 2.0, 2.0, 100, 0)
     _feed(gate, 1.7, 2.0, 200, 1)
-    assert gate.is_open and gate.opened_at is not None and gate.opened_at < 200
+    # Significant for 50 steps in a row first: not at the first crossing.
+    assert gate.is_open and gate.opened_at is not None and gate.opened_at >= 50 and gate.opened_at < 200
     opened = gate.opened_at
     _feed(gate, 2.0, 2.0, 300, 2)  # once open, for good
     assert gate.is_open and gate.opened_at == opened
     restored = MemorizationGate()
     restored.load_state_dict(gate.state_dict())
     assert restored.opened_at == opened and restored.gap == pytest.approx(gate.gap)
+
+
+def test_a_brief_excursion_does_not_open_the_gate() -> None:
+    def run(excursion: int) -> MemorizationGate:
+        gate = MemorizationGate(patience=50)
+        g = torch.Generator().manual_seed(0)
+        for step in range(400):  # a gap of 0.6 nats for the first `excursion` steps of every 200
+            gap = 0.6 if step % 200 < excursion else 0.0
+            gate.observe(train=2.0 - gap + 0.8 * torch.randn(120, generator=g),
+                         holdout=2.0 + 0.8 * torch.randn(8, generator=g), step=step)
+        return gate
+
+    brief = run(10)
+    assert not brief.is_open
+    restored = MemorizationGate(patience=50)
+    restored.load_state_dict(brief.state_dict())
+    assert restored.streak == brief.streak
+    assert run(150).is_open  # the same gap, held: memorisation
 
 
 def test_gate_needs_enough_held_out_examples() -> None:
@@ -139,3 +158,25 @@ def test_checkpointed_gate_resumes_open() -> None:
     b = _loss()
     b.load_state_dict(a.state_dict())
     assert b.gate is not None and b.gate.opened_at == 5 and not b.schedule.in_burn_in
+
+
+
+def test_class_shares_are_capped() -> None:
+    from cicw.instance import cap_class_shares
+
+    labels = torch.tensor([0, 0, 0, 1, 1, 2, 2, 2])
+    # Nearly all the mass on class 1 (2 of 8 examples), as when a weak model prefers it.
+    w = torch.tensor([0.01, 0.02, 0.01, 0.45, 0.45, 0.02, 0.02, 0.02], dtype=torch.float64)
+
+    def shares(x: torch.Tensor) -> torch.Tensor:
+        return torch.zeros(4, dtype=torch.float64).index_add_(0, labels, x)
+
+    balanced = cap_class_shares(w, labels, 4, 1.0)  # a cap of 1: every class exactly its share
+    torch.testing.assert_close(shares(balanced), torch.tensor([3 / 8, 2 / 8, 3 / 8, 0.0], dtype=torch.float64))
+    capped = cap_class_shares(w, labels, 4, 1.5)
+    assert capped.sum().item() == pytest.approx(1.0)
+    assert shares(capped)[1].item() == pytest.approx(1.5 * 2 / 8)
+    for x in (balanced, capped):
+        assert (x[1] / x[0]).item() == pytest.approx(2.0)  # within a class the ratios stay
+    under = torch.full((8,), 1 / 8, dtype=torch.float64)
+    torch.testing.assert_close(cap_class_shares(under, labels, 4, 2.0), under)  # nothing over: unchanged
