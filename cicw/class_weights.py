@@ -22,9 +22,10 @@ CLASS_DIVERGENCES = ("none", "kl", "tv", "l1", "l2")
 # L2: bisection on log(t) over a 60-unit bracket; 2^-48 * 60 is far below the 1e-4 agreement
 # we promise on the loss.
 _KL_NEWTON_STEPS = 20
-# Two labelled classes: monotone Newton on a convex function; 10 steps from the expansion's
-# starting point reach round-off on the tests' extreme mixing ratios (1e-6 shares).
-_KL_TWO_CLASS_NEWTON_STEPS = 10
+# Two labelled classes: monotone Newton on a convex function. From the expansion's starting
+# point 5 steps reach round-off against a 300-step bisection for shares 1e-14..1 and gamma
+# 1e-12..3 (4 steps leave up to 4e-12 on KL, 3 steps 1e-6).
+_KL_TWO_CLASS_NEWTON_STEPS = 5
 _KL_TWO_CLASS_LOG_P_LIMIT = 700.0
 _LOG_ONE_MINUS_EPS = math.log1p(-2.0**-52)
 _L2_BISECTION_STEPS = 48
@@ -130,11 +131,15 @@ def inner_losses(log_probs: Tensor, targets: Tensor, *, hard: bool, divergence: 
             v = (1.0 - moved_mass) * torch.zeros_like(log_probs).scatter_(1, t, 1.0)
             v.scatter_add_(1, best, torch.full_like(given, moved_mass).unsqueeze(1))
         return inner, v, moved_mass * best_differs
+    if divergence == "kl" and not hard:
+        few = _kl_few_labels(log_probs, targets.to(log_probs.dtype), gamma, need_weights)
+        if few is not None:
+            return few
     losses = -log_probs
     with torch.no_grad():
         y = (torch.zeros_like(losses).scatter_(1, targets.long().unsqueeze(1), 1.0) if hard
              else targets.to(losses.dtype))
-        v = _dense_class_weights(losses.detach(), y, divergence=divergence, gamma=gamma).to(losses.dtype)
+        v = _dense_class_weights(losses.detach(), y, divergence=divergence, gamma=gamma)
         moved = 0.5 * (v - y).abs().sum(1)
     # where() keeps 0 * inf (a class with probability exactly 0 and weight 0) out of the sum.
     inner = torch.where(v > 0, v * losses, torch.zeros_like(losses)).sum(-1)
@@ -173,28 +178,82 @@ def _soft_tv_weights(l: Tensor, y: Tensor, budget: float) -> Tensor:
 
 
 def _soft_kl_weights(l: Tensor, y: Tensor, gamma: float) -> Tensor:
-    l = l.to(torch.float64)
-    # Rows are validated to sum to 1 within 1e-4; KL(s) below assumes exactly 1, and at small
-    # gamma a 1e-7 error in the sum already moves KL by a percent.
-    y = y.to(torch.float64)
-    y = y / y.sum(1, keepdim=True)
+    """v for KL; l, y [n, K] of one floating dtype -> [n, K] of that dtype."""
     support = y > 0
-    in_min = l.masked_fill(~support, torch.inf).amin(1)
-    out_min, out_arg = l.masked_fill(support, torch.inf).min(1)  # inf when the support is every class
     n, k = y.shape
-    cols = None
     if l.device.type == "cpu" and k > 2 and n:
         # On the CPU reading the widest support costs no device synchronisation, and mixup
         # targets have at most two labelled classes: solve on those columns only.
         width = int(support.sum(1).max())
-        if width < k:
-            y_cols, cols = torch.topk(y, width, dim=1)
-            l_cols = l.gather(1, cols)
-    if cols is None:
-        y_cols, l_cols = y, l
+        y_cols, cols = torch.topk(y, width, dim=1) if width < k else (y, None)
+    else:
+        y_cols, cols = y, None
+    l64 = l.to(torch.float64)
+    # Rows are validated to sum to 1 within 1e-4; KL(s) below assumes exactly 1, and at small
+    # gamma a 1e-7 error in the sum already moves KL by a percent.
+    y_cols = y_cols.to(torch.float64)
+    y_cols = y_cols / y_cols.sum(1, keepdim=True)
+    in_min = l64.masked_fill(~support, torch.inf).amin(1)
+    out_min, out_arg = l64.masked_fill(support, torch.inf).min(1)  # inf when the support is every class
+    l_cols = l64 if cols is None else l64.gather(1, cols)
     v_cols, leaked = _kl_on_support(l_cols, y_cols, in_min, out_min, gamma)
-    v = v_cols if cols is None else torch.zeros_like(y).scatter_(1, cols, v_cols)
-    return v.scatter_add_(1, out_arg.unsqueeze(1), leaked.unsqueeze(1))
+    v = v_cols if cols is None else torch.zeros_like(l64).scatter_(1, cols, v_cols)
+    return v.scatter_add_(1, out_arg.unsqueeze(1), leaked.unsqueeze(1)).to(l.dtype)
+
+
+def _kl_few_labels(log_probs: Tensor, y: Tensor, gamma: float,
+                   need_weights: bool) -> tuple[Tensor, Tensor | None, Tensor] | None:
+    """inner_losses for soft KL targets y [n, K] on the CPU when no row has more than two labelled
+    classes (mixup targets), else None. The solve, the loss and the moved mass use the two
+    largest shares' columns and the best unlabelled class: three gathers, no [n, K] arithmetic."""
+    n, k = log_probs.shape
+    if log_probs.device.type != "cpu" or k <= 2 or not n:
+        return None
+    support = y > 0
+    # On the CPU reading the widest support costs no device synchronisation.
+    if int(support.sum(1).max()) > 2:
+        return None
+    with torch.no_grad():
+        y2, cols = torch.topk(y, 2, dim=1)
+        out_lp, out_arg = log_probs.detach().masked_fill(support, -torch.inf).max(1)
+        v2, leaked = _kl_two_labelled(-log_probs.detach().gather(1, cols), y2, -out_lp, gamma)
+        moved = 0.5 * ((v2 - y2).abs().sum(1) + leaked)
+        idx = torch.cat([cols, out_arg.unsqueeze(1)], 1)
+        w = torch.cat([v2, leaked.unsqueeze(1)], 1)
+    # where() keeps 0 * inf (a class with probability exactly 0 and weight 0) out of the sum.
+    inner = -torch.where(w > 0, w * log_probs.gather(1, idx), 0.0).sum(1)
+    v = torch.zeros_like(y).scatter_(1, cols, v2).scatter_add_(1, out_arg.unsqueeze(1), leaked.unsqueeze(1)) \
+        if need_weights else None
+    return inner, v, moved
+
+
+def _kl_two_labelled(l2: Tensor, y2: Tensor, l_out: Tensor, gamma: float) -> tuple[Tensor, Tensor]:
+    """_kl_on_support for rows with one or two labelled classes: losses l2 and shares y2 [n, 2]
+    of the two largest shares (the second may be 0), l_out [n] the best unlabelled class's loss.
+    Returns v on the two columns [n, 2] and the mass leaked to the best unlabelled class [n]."""
+    # One cast of everything the solve reads: float64 is needed for KL near gamma (see below).
+    packed = torch.cat([l2, y2, l_out.unsqueeze(1)], 1).to(torch.float64)
+    l_a, l_b, y_a, y_b, l_out = packed.unbind(1)
+    y_b = y_b / (y_a + y_b)  # rows sum to 1 within 1e-4 only: see _soft_kl_weights
+    y_a = 1.0 - y_b
+    labelled_b = y_b > 0
+    # Case A (mass leaks to the best unlabelled class), as in _kl_on_support: v_k = eta y_k / d_k.
+    leak_possible = (l_out < l_a) & ((l_out < l_b) | ~labelled_b)
+    d_a = torch.where(leak_possible, l_a - l_out, 1.0)
+    d_b = torch.where(leak_possible & labelled_b, l_b - l_out, 1.0)
+    eta = torch.exp(torch.xlogy(y_a, d_a).add_(torch.xlogy(y_b, d_b)).sub_(gamma))
+    v_leak = torch.stack([y_a / d_a, y_b / d_b], 1).mul_(eta.unsqueeze(1))
+    in_mass = v_leak.sum(1)
+    leak = leak_possible & (in_mass <= 1.0)
+    # Case B (all mass stays on the labelled classes): the two-class solve, unless one class is
+    # labelled or both losses are equal (nothing to gain: v = y).
+    first_low = l_a <= l_b
+    gain = labelled_b & (l_a != l_b) & (gamma >= _KL_GAMMA_RESOLUTION)
+    p = _kl_two_class_high_mass(torch.where(first_low, y_b, y_a), gamma)
+    v_b = torch.where(gain, torch.where(first_low, p, 1.0 - p), y_b)
+    v_stay = torch.stack([1.0 - v_b, v_b], 1)
+    v2 = torch.where(leak.unsqueeze(1), v_leak, v_stay).to(l2.dtype)
+    return v2, torch.where(leak, 1.0 - in_mass, 0.0).clamp_min_(0.0).to(l2.dtype)
 
 
 def _kl_on_support(l: Tensor, y: Tensor, in_min: Tensor, out_min: Tensor,
@@ -265,31 +324,38 @@ def _kl_stay_weights(dd: Tensor, y: Tensor, var: Tensor, gamma: float) -> Tensor
 
 
 def _kl_two_class(dd: Tensor, y: Tensor, gamma: float) -> Tensor:
-    # Two labelled classes (a mixup target): whatever the loss gap, the optimum leaves the least
-    # mass p on the higher-loss class with KL((y_lo, y_hi) || (1-p, p)) <= gamma. In z = log p,
-    # f(z) = y_lo log(y_lo/(1-e^z)) + y_hi log(y_hi) - y_hi z - gamma is convex and decreasing
-    # for p < y_hi, so Newton converges monotonically from either side with no bracket.
     # Rows whose second column is not labelled (y = 0) are discarded by the caller (var = 0).
     first_low = dd[:, 0] <= dd[:, 1]
-    y_lo = torch.where(first_low, y[:, 0], y[:, 1])
-    y_hi = torch.where(first_low, y[:, 1], y[:, 0]).clamp_min(1e-300)
-    const = torch.xlogy(y_lo, y_lo) + y_hi * torch.log(y_hi) - gamma
+    p = _kl_two_class_high_mass(torch.where(first_low, y[:, 1], y[:, 0]), gamma)
+    return torch.stack([torch.where(first_low, 1.0 - p, p), torch.where(first_low, p, 1.0 - p)], 1)
+
+
+def _kl_two_class_high_mass(y_hi: Tensor, gamma: float) -> Tensor:
+    """The least mass p [n] on the higher-loss of two labelled classes with KL(y || v) <= gamma,
+    for its share y_hi [n] (float64, the other share 1 - y_hi, gamma >= _KL_GAMMA_RESOLUTION)."""
+    # Whatever the loss gap, the optimum is the smallest feasible p. In z = log p,
+    # f(z) = y_lo log(y_lo/(1-e^z)) + y_hi log(y_hi) - y_hi z - gamma is convex and decreasing
+    # for p < y_hi, so Newton converges monotonically from either side with no bracket.
+    y_lo = 1.0 - y_hi
+    y_hi = y_hi.clamp_min(1e-300)
+    const = torch.xlogy(y_lo, y_lo).add_(y_hi * torch.log(y_hi)).sub_(gamma)
     # Start from the small-gamma expansion KL ~ (p - y_hi)^2 / (2 y_lo y_hi), or, where that
     # leaves (0, y_hi), from p = y_hi e^(-gamma/y_hi) (just right of the root).
-    # The smaller of the two is inside (0, y_hi) and below 1, where log1p(-p) is finite.
+    # The smaller of the two is inside (0, y_hi) and below 1, where log(1 - p) is finite.
     p0 = torch.minimum(y_hi - torch.sqrt(2.0 * gamma * y_lo * y_hi), y_hi * math.exp(-gamma))
     z = torch.where(p0 > 0, torch.log(p0.clamp_min(1e-300)), torch.log(y_hi) - gamma / y_hi)
+    neg_y_hi = -y_hi
+    # Iterates stay below the start (< 1), and p underflowing to 0 far left is harmless (f is
+    # linear in z there), so only the result needs clamping.
     for _ in range(_KL_TWO_CLASS_NEWTON_STEPS):
-        z = z.clamp(-_KL_TWO_CLASS_LOG_P_LIMIT, _LOG_ONE_MINUS_EPS)
         p = torch.exp(z)
-        f = const - y_lo * torch.log1p(-p) - y_hi * z
-        slope = y_lo * p / (1.0 - p) - y_hi
+        q = 1.0 - p
+        f = torch.addcmul(const, y_lo, torch.log(q), value=-1.0).addcmul_(y_hi, z, value=-1.0)
         # slope -> 0 only as p -> y_hi (KL's minimum), where f ~ slope^2 - gamma is already
         # feasible: stay rather than divide by ~0 (tiny gamma puts the start exactly there).
-        z = z - torch.where(slope < -1e-9, f / slope.clamp_max(-1e-9), torch.zeros_like(f))
-    p = torch.exp(z.clamp(-_KL_TWO_CLASS_LOG_P_LIMIT, _LOG_ONE_MINUS_EPS)).minimum(y_hi)
-    v_hi, v_lo = p, 1.0 - p
-    return torch.stack([torch.where(first_low, v_lo, v_hi), torch.where(first_low, v_hi, v_lo)], 1)
+        slope = torch.addcmul(neg_y_hi, y_lo, p.div_(q))
+        z.addcdiv_(f.masked_fill_(slope >= -1e-9, 0.0), slope.clamp_max_(-1e-9), value=-1.0)
+    return torch.exp(z.clamp_(-_KL_TWO_CLASS_LOG_P_LIMIT, _LOG_ONE_MINUS_EPS)).minimum(y_hi)
 
 
 def _l2_weights(l: Tensor, y: Tensor, gamma: float) -> Tensor:
