@@ -205,57 +205,61 @@ def _kl_few_labels(log_probs: Tensor, y: Tensor, gamma: float,
                    need_weights: bool) -> tuple[Tensor, Tensor | None, Tensor] | None:
     """inner_losses for soft KL targets y [n, K] on the CPU when no row has more than two labelled
     classes (mixup targets), else None. The solve, the loss and the moved mass use the two
-    largest shares' columns and the best unlabelled class: three gathers, no [n, K] arithmetic."""
+    largest shares' columns and the best unlabelled class: three gathered columns."""
     n, k = log_probs.shape
     if log_probs.device.type != "cpu" or k <= 2 or not n:
         return None
-    support = y > 0
-    # On the CPU reading the widest support costs no device synchronisation.
-    if int(support.sum(1).max()) > 2:
-        return None
     with torch.no_grad():
-        y2, cols = torch.topk(y, 2, dim=1)
-        out_lp, out_arg = log_probs.detach().masked_fill(support, -torch.inf).max(1)
-        v2, leaked = _kl_two_labelled(-log_probs.detach().gather(1, cols), y2, -out_lp, gamma)
-        moved = 0.5 * ((v2 - y2).abs().sum(1) + leaked)
-        idx = torch.cat([cols, out_arg.unsqueeze(1)], 1)
-        w = torch.cat([v2, leaked.unsqueeze(1)], 1)
-    # where() keeps 0 * inf (a class with probability exactly 0 and weight 0) out of the sum.
-    inner = -torch.where(w > 0, w * log_probs.gather(1, idx), 0.0).sum(1)
-    v = torch.zeros_like(y).scatter_(1, cols, v2).scatter_add_(1, out_arg.unsqueeze(1), leaked.unsqueeze(1)) \
-        if need_weights else None
+        # The third largest share tells the width (on the CPU reading it costs no device sync);
+        # with at most two labelled classes shares3[:, 2] is 0, the unlabelled column's share.
+        shares3, cols3 = torch.topk(y, 3, dim=1)
+        if bool(shares3[:, 2].any()):
+            return None
+        # A row with one labelled class names it twice, so the scatter below masks no
+        # unlabelled class; the second copy keeps share 0 and gets weight 0.
+        cols = torch.where(shares3[:, 1:2] > 0, cols3[:, :2], cols3[:, :1])
+        out_arg = log_probs.scatter(1, cols, -torch.inf).argmax(1, keepdim=True)
+        idx = torch.cat([cols, out_arg], 1)
+    lp3 = log_probs.gather(1, idx)
+    with torch.no_grad():
+        w, moved = _kl_two_labelled(lp3, shares3, gamma)
+    # nansum keeps 0 * -inf (a class with probability exactly 0 and weight 0) out of the sum.
+    inner = torch.nansum(w * lp3, 1).neg_()
+    v = torch.zeros_like(log_probs).scatter_add_(1, idx, w) if need_weights else None
     return inner, v, moved
 
 
-def _kl_two_labelled(l2: Tensor, y2: Tensor, l_out: Tensor, gamma: float) -> tuple[Tensor, Tensor]:
-    """_kl_on_support for rows with one or two labelled classes: losses l2 and shares y2 [n, 2]
-    of the two largest shares (the second may be 0), l_out [n] the best unlabelled class's loss.
-    Returns v on the two columns [n, 2] and the mass leaked to the best unlabelled class [n]."""
+def _kl_two_labelled(lp3: Tensor, y3: Tensor, gamma: float) -> tuple[Tensor, Tensor]:
+    """_kl_on_support for rows with one or two labelled classes. lp3 [n, 3]: log-probabilities of
+    the two labelled columns (the second a copy of the first if only one is labelled) and of the
+    best unlabelled class; y3 [n, 3]: their shares (the last 0). Returns the weights on those three
+    columns [n, 3] and the moved mass 0.5 |v - y|_1 [n], in lp3's dtype."""
     # One cast of everything the solve reads: float64 is needed for KL near gamma (see below).
-    packed = torch.cat([l2, y2, l_out.unsqueeze(1)], 1).to(torch.float64)
-    l_a, l_b, y_a, y_b, l_out = packed.unbind(1)
-    y_b = y_b / (y_a + y_b)  # rows sum to 1 within 1e-4 only: see _soft_kl_weights
-    y_a = 1.0 - y_b
-    labelled_b = y_b > 0
-    # Case A (mass leaks to the best unlabelled class), as in _kl_on_support: v_k = eta y_k / d_k.
-    leak_possible = (l_out < l_a) & ((l_out < l_b) | ~labelled_b)
-    d_a = torch.where(leak_possible, l_a - l_out, 1.0)
-    d_b = torch.where(leak_possible & labelled_b, l_b - l_out, 1.0)
-    eta = torch.exp(torch.xlogy(y_a, d_a).add_(torch.xlogy(y_b, d_b)).sub_(gamma))
-    v_leak = torch.stack([y_a / d_a, y_b / d_b], 1).mul_(eta.unsqueeze(1))
-    in_mass = v_leak.sum(1)
-    leak = leak_possible & (in_mass <= 1.0)
-    # Case B (all mass stays on the labelled classes): the two-class solve, unless one class is
-    # labelled or both losses are equal (nothing to gain: v = y).
-    first_low = l_a <= l_b
+    packed = torch.cat([lp3, y3], 1).to(torch.float64)
+    lp2, lp_out, y3 = packed[:, :2], packed[:, 2:3], packed[:, 3:]
+    y3 = y3 / y3.sum(1, keepdim=True)  # rows sum to 1 within 1e-4 only: see _soft_kl_weights
+    y2 = y3[:, :2]
+    # Case A (mass leaks to the best unlabelled class), as in _kl_on_support: v_k = eta y_k / d_k
+    # with d = l - l_out. A labelled d <= 0 (no leak possible) makes log d, and so in_mass, NaN
+    # or the 0/0 of v, and NaN <= 1 is false; an unlabelled copy has y = 0 and adds nothing.
+    d = lp_out - lp2
+    eta = torch.exp(torch.xlogy(y2, d).sum(1, keepdim=True).sub_(gamma))
+    v_leak = y2 / d * eta
+    in_mass = v_leak.sum(1, keepdim=True)
+    leak = in_mass <= 1.0
+    # Case B (all mass stays on the labelled classes): the two-class solve moves mass from the
+    # strictly higher-loss class (hi) to the other. Equal losses (or one labelled class) give
+    # no hi, y_hi = 0 and p = 0: v = y, nothing to gain.
+    hi = lp2 < lp2.amax(1, keepdim=True)
+    y_hi = (y2 * hi).sum(1, keepdim=True)
     if gamma < _KL_GAMMA_RESOLUTION:
-        v_b = y_b
+        v_stay = y2
     else:
-        p = _kl_two_class_high_mass(torch.where(first_low, y_b, y_a), gamma)
-        v_b = torch.where(labelled_b & (l_a != l_b), torch.where(first_low, p, 1.0 - p), y_b)
-    v_stay = torch.stack([1.0 - v_b, v_b], 1)
-    v2 = torch.where(leak.unsqueeze(1), v_leak, v_stay).to(l2.dtype)
-    return v2, torch.where(leak, 1.0 - in_mass, 0.0).clamp_min_(0.0).to(l2.dtype)
+        p = _kl_two_class_high_mass(y_hi, gamma)
+        v_stay = torch.where(hi, p, y2 + (y_hi - p))
+    w = torch.cat([torch.where(leak, v_leak, v_stay), torch.where(leak, 1.0 - in_mass, 0.0)], 1)
+    moved = (w - y3).abs_().sum(1).mul_(0.5)
+    return w.to(lp3.dtype), moved.to(lp3.dtype)
 
 
 def _kl_on_support(l: Tensor, y: Tensor, in_min: Tensor, out_min: Tensor,
@@ -333,13 +337,16 @@ def _kl_two_class(dd: Tensor, y: Tensor, gamma: float) -> Tensor:
 
 
 def _kl_two_class_high_mass(y_hi: Tensor, gamma: float) -> Tensor:
-    """The least mass p [n] on the higher-loss of two labelled classes with KL(y || v) <= gamma,
-    for its share y_hi [n] (float64, the other share 1 - y_hi, gamma >= _KL_GAMMA_RESOLUTION)."""
+    """The least mass p on the higher-loss of two labelled classes with KL(y || v) <= gamma,
+    for its share y_hi (any shape, float64, the other share 1 - y_hi, gamma >= _KL_GAMMA_RESOLUTION)."""
     # Whatever the loss gap, the optimum is the smallest feasible p. In z = log p,
     # f(z) = y_lo log(y_lo/(1-e^z)) + y_hi log(y_hi) - y_hi z - gamma is convex and decreasing
     # for p < y_hi, so Newton converges monotonically from either side with no bracket.
+    # Shares are normalised separately, so a 1e-16 partner can leave y_hi = 1 and y_lo = 0
+    # (log(1 - p) = -inf below): keep y_hi at the largest float64 below 1.
+    share = y_hi
+    y_hi = y_hi.clamp(1e-300, 1.0 - 2.0**-53)
     y_lo = 1.0 - y_hi
-    y_hi = y_hi.clamp_min(1e-300)
     const = torch.xlogy(y_lo, y_lo).add_(y_hi * torch.log(y_hi)).sub_(gamma)
     # Start at p = y_hi e^-r, r = sqrt(2 gamma y_lo / y_hi): the small-gamma expansion
     # KL ~ (p - y_hi)^2 / (2 y_lo y_hi) where r is small, and inside (0, y_hi) for any r.
@@ -355,7 +362,8 @@ def _kl_two_class_high_mass(y_hi: Tensor, gamma: float) -> Tensor:
         # feasible: stay rather than divide by ~0 (tiny gamma puts the start exactly there).
         slope = torch.addcmul(neg_y_hi, y_lo, p.div_(q))
         z.addcdiv_(f.masked_fill_(slope >= -1e-9, 0.0), slope.clamp_max_(-1e-9), value=-1.0)
-    return torch.exp(z.clamp_(-_KL_TWO_CLASS_LOG_P_LIMIT, _LOG_ONE_MINUS_EPS)).minimum(y_hi)
+    # Against the unclamped share: y_hi = 0 (no higher-loss class) gives p = 0 exactly.
+    return torch.exp(z.clamp_(-_KL_TWO_CLASS_LOG_P_LIMIT, _LOG_ONE_MINUS_EPS)).minimum(share)
 
 
 def _l2_weights(l: Tensor, y: Tensor, gamma: float) -> Tensor:
