@@ -107,14 +107,38 @@ def _median_seconds(fn: Callable[[], object], repeats: int, warmup: int) -> floa
     return statistics.median(times)
 
 
+def ops_per_call(fn: Callable[[], object]) -> int:
+    """aten ops one call dispatches (nested ones included: each costs dispatcher time)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    return sum(1 for e in prof.events() if e.name.startswith("aten::"))
+
+
+def cuda_kernels_per_call(fn: Callable[[], object]) -> int:
+    """CUDA kernels one call launches (the same call on CUDA tensors)."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return sum(1 for e in prof.events() if e.device_type == DeviceType.CUDA)
+
+
 def bench_solver(repeats: int, cvxpy_repeats: int) -> list[str]:
     lines = [f"(a) class_reweighted_loss vs cvxpy, n={N}, KL gamma={GAMMA}. cicw: float32 on the CPU, "
              f"median of {repeats} calls. cvxpy: build + solve of one Problem per batch, median of "
              f"{cvxpy_repeats}; 'exact' = the same problem (Clarabel), 'ref-form' = the reference's "
              f"1e-6-smoothed formulation over all K (default solver), for context. max|dL|: cicw "
-             f"(float32 / float64 input) against 'exact'.",
+             f"(float32 / float64 input) against 'exact'. ops: aten ops per cicw call (CPU, "
+             f"torch.profiler); kernels: CUDA kernel launches per call on CUDA tensors (n/a without CUDA).",
              f"{'K':>4} {'targets':>8} {'cicw ms':>8} {'exact ms':>9} {'speed-up':>9} {'ref-form ms':>12} "
-             f"{'speed-up':>9} {'max|dL| f32':>12} {'max|dL| f64':>12}"]
+             f"{'speed-up':>9} {'max|dL| f32':>12} {'max|dL| f64':>12} {'ops':>5} {'kernels':>8}"]
     verdicts = []
     g = torch.Generator().manual_seed(0)
     for k in (10, 100):
@@ -138,8 +162,13 @@ def bench_solver(repeats: int, cvxpy_repeats: int) -> list[str]:
             y64 = y if kind == "one-hot" else y.double()
             d32 = float(np.max(np.abs(ref - ours().double().numpy())))
             d64 = float(np.max(np.abs(ref - ours(lp64, y64).numpy())))
+            kernels = "n/a"
+            if torch.cuda.is_available():
+                lp_dev, y_dev = lp32.cuda(), y.cuda()
+                kernels = str(cuda_kernels_per_call(lambda a=lp_dev, b=y_dev: ours(a, b)))  # type: ignore[misc]
             lines.append(f"{k:>4} {kind:>8} {ours_s * 1e3:>8.3f} {exact_s * 1e3:>9.1f} {exact_s / ours_s:>8.0f}x "
-                         f"{ref_s * 1e3:>12.1f} {ref_s / ours_s:>8.0f}x {d32:>12.1e} {d64:>12.1e}")
+                         f"{ref_s * 1e3:>12.1f} {ref_s / ours_s:>8.0f}x {d32:>12.1e} {d64:>12.1e} "
+                         f"{ops_per_call(ours):>5} {kernels:>8}")
             if k == 100:
                 same = max(d32, d64) <= SAME_ANSWER_TOL
                 for label, seconds in (("exact", exact_s), ("ref-form", ref_s)):

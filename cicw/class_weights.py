@@ -22,9 +22,11 @@ CLASS_DIVERGENCES = ("none", "kl", "tv", "l1", "l2")
 # L2: bisection on log(t) over a 60-unit bracket; 2^-48 * 60 is far below the 1e-4 agreement
 # we promise on the loss.
 _KL_NEWTON_STEPS = 20
-# Two labelled classes: monotone Newton on a convex function; 10 steps from the expansion's
-# starting point reach round-off on the tests' extreme mixing ratios (1e-6 shares).
-_KL_TWO_CLASS_NEWTON_STEPS = 10
+# Two labelled classes: monotone Newton on a convex function. From the start in
+# _kl_two_class_high_mass, 3 steps leave at most 6e-10 on the weight p against 6 steps for
+# shares 1e-16..1 and gamma 1e-14..3 (so < 1e-6 on the loss for loss gaps up to 1000); 2 leave
+# 5e-5.
+_KL_TWO_CLASS_NEWTON_STEPS = 3
 _KL_TWO_CLASS_LOG_P_LIMIT = 700.0
 _LOG_ONE_MINUS_EPS = math.log1p(-2.0**-52)
 _L2_BISECTION_STEPS = 48
@@ -130,11 +132,15 @@ def inner_losses(log_probs: Tensor, targets: Tensor, *, hard: bool, divergence: 
             v = (1.0 - moved_mass) * torch.zeros_like(log_probs).scatter_(1, t, 1.0)
             v.scatter_add_(1, best, torch.full_like(given, moved_mass).unsqueeze(1))
         return inner, v, moved_mass * best_differs
+    if divergence == "kl" and not hard:
+        few = _kl_few_labels(log_probs, targets.to(log_probs.dtype), gamma, need_weights)
+        if few is not None:
+            return few
     losses = -log_probs
     with torch.no_grad():
         y = (torch.zeros_like(losses).scatter_(1, targets.long().unsqueeze(1), 1.0) if hard
              else targets.to(losses.dtype))
-        v = _dense_class_weights(losses.detach(), y, divergence=divergence, gamma=gamma).to(losses.dtype)
+        v = _dense_class_weights(losses.detach(), y, divergence=divergence, gamma=gamma)
         moved = 0.5 * (v - y).abs().sum(1)
     # where() keeps 0 * inf (a class with probability exactly 0 and weight 0) out of the sum.
     inner = torch.where(v > 0, v * losses, torch.zeros_like(losses)).sum(-1)
@@ -173,28 +179,88 @@ def _soft_tv_weights(l: Tensor, y: Tensor, budget: float) -> Tensor:
 
 
 def _soft_kl_weights(l: Tensor, y: Tensor, gamma: float) -> Tensor:
-    l = l.to(torch.float64)
-    # Rows are validated to sum to 1 within 1e-4; KL(s) below assumes exactly 1, and at small
-    # gamma a 1e-7 error in the sum already moves KL by a percent.
-    y = y.to(torch.float64)
-    y = y / y.sum(1, keepdim=True)
+    """v for KL; l, y [n, K] of one floating dtype -> [n, K] of that dtype."""
     support = y > 0
-    in_min = l.masked_fill(~support, torch.inf).amin(1)
-    out_min, out_arg = l.masked_fill(support, torch.inf).min(1)  # inf when the support is every class
     n, k = y.shape
-    cols = None
     if l.device.type == "cpu" and k > 2 and n:
         # On the CPU reading the widest support costs no device synchronisation, and mixup
         # targets have at most two labelled classes: solve on those columns only.
         width = int(support.sum(1).max())
-        if width < k:
-            y_cols, cols = torch.topk(y, width, dim=1)
-            l_cols = l.gather(1, cols)
-    if cols is None:
-        y_cols, l_cols = y, l
+        y_cols, cols = torch.topk(y, width, dim=1) if width < k else (y, None)
+    else:
+        y_cols, cols = y, None
+    l64 = l.to(torch.float64)
+    # Rows are validated to sum to 1 within 1e-4; KL(s) below assumes exactly 1, and at small
+    # gamma a 1e-7 error in the sum already moves KL by a percent.
+    y_cols = y_cols.to(torch.float64)
+    y_cols = y_cols / y_cols.sum(1, keepdim=True)
+    in_min = l64.masked_fill(~support, torch.inf).amin(1)
+    out_min, out_arg = l64.masked_fill(support, torch.inf).min(1)  # inf when the support is every class
+    l_cols = l64 if cols is None else l64.gather(1, cols)
     v_cols, leaked = _kl_on_support(l_cols, y_cols, in_min, out_min, gamma)
-    v = v_cols if cols is None else torch.zeros_like(y).scatter_(1, cols, v_cols)
-    return v.scatter_add_(1, out_arg.unsqueeze(1), leaked.unsqueeze(1))
+    v = v_cols if cols is None else torch.zeros_like(l64).scatter_(1, cols, v_cols)
+    return v.scatter_add_(1, out_arg.unsqueeze(1), leaked.unsqueeze(1)).to(l.dtype)
+
+
+def _kl_few_labels(log_probs: Tensor, y: Tensor, gamma: float,
+                   need_weights: bool) -> tuple[Tensor, Tensor | None, Tensor] | None:
+    """inner_losses for soft KL targets y [n, K] on the CPU when no row has more than two labelled
+    classes (mixup targets), else None. The solve, the loss and the moved mass use the two
+    largest shares' columns and the best unlabelled class: three gathered columns."""
+    n, k = log_probs.shape
+    if log_probs.device.type != "cpu" or k <= 2 or not n:
+        return None
+    with torch.no_grad():
+        # The third largest share tells the width (on the CPU reading it costs no device sync);
+        # with at most two labelled classes shares3[:, 2] is 0, the unlabelled column's share.
+        shares3, cols3 = torch.topk(y, 3, dim=1)
+        if bool(shares3[:, 2].any()):
+            return None
+        # A row with one labelled class names it twice, so the scatter below masks no
+        # unlabelled class; the second copy keeps share 0 and gets weight 0.
+        cols = torch.where(shares3[:, 1:2] > 0, cols3[:, :2], cols3[:, :1])
+        out_arg = log_probs.scatter(1, cols, -torch.inf).argmax(1, keepdim=True)
+        idx = torch.cat([cols, out_arg], 1)
+    lp3 = log_probs.gather(1, idx)
+    with torch.no_grad():
+        w, moved = _kl_two_labelled(lp3, shares3, gamma)
+    # nansum keeps 0 * -inf (a class with probability exactly 0 and weight 0) out of the sum.
+    inner = torch.nansum(w * lp3, 1).neg_()
+    v = torch.zeros_like(log_probs).scatter_add_(1, idx, w) if need_weights else None
+    return inner, v, moved
+
+
+def _kl_two_labelled(lp3: Tensor, y3: Tensor, gamma: float) -> tuple[Tensor, Tensor]:
+    """_kl_on_support for rows with one or two labelled classes. lp3 [n, 3]: log-probabilities of
+    the two labelled columns (the second a copy of the first if only one is labelled) and of the
+    best unlabelled class; y3 [n, 3]: their shares (the last 0). Returns the weights on those three
+    columns [n, 3] and the moved mass 0.5 |v - y|_1 [n], in lp3's dtype."""
+    # One cast of everything the solve reads: float64 is needed for KL near gamma (see below).
+    packed = torch.cat([lp3, y3], 1).to(torch.float64)
+    lp2, lp_out, y3 = packed[:, :2], packed[:, 2:3], packed[:, 3:]
+    y3 = y3 / y3.sum(1, keepdim=True)  # rows sum to 1 within 1e-4 only: see _soft_kl_weights
+    y2 = y3[:, :2]
+    # Case A (mass leaks to the best unlabelled class), as in _kl_on_support: v_k = eta y_k / d_k
+    # with d = l - l_out. A labelled d <= 0 (no leak possible) makes log d, and so in_mass, NaN
+    # or the 0/0 of v, and NaN <= 1 is false; an unlabelled copy has y = 0 and adds nothing.
+    d = lp_out - lp2
+    eta = torch.exp(torch.xlogy(y2, d).sum(1, keepdim=True).sub_(gamma))
+    v_leak = y2 / d * eta
+    in_mass = v_leak.sum(1, keepdim=True)
+    leak = in_mass <= 1.0
+    # Case B (all mass stays on the labelled classes): the two-class solve moves mass from the
+    # strictly higher-loss class (hi) to the other. Equal losses (or one labelled class) give
+    # no hi, y_hi = 0 and p = 0: v = y, nothing to gain.
+    hi = lp2 < lp2.amax(1, keepdim=True)
+    y_hi = (y2 * hi).sum(1, keepdim=True)
+    if gamma < _KL_GAMMA_RESOLUTION:
+        v_stay = y2
+    else:
+        p = _kl_two_class_high_mass(y_hi, gamma)
+        v_stay = torch.where(hi, p, y2 + (y_hi - p))
+    w = torch.cat([torch.where(leak, v_leak, v_stay), torch.where(leak, 1.0 - in_mass, 0.0)], 1)
+    moved = (w - y3).abs_().sum(1).mul_(0.5)
+    return w.to(lp3.dtype), moved.to(lp3.dtype)
 
 
 def _kl_on_support(l: Tensor, y: Tensor, in_min: Tensor, out_min: Tensor,
@@ -265,31 +331,41 @@ def _kl_stay_weights(dd: Tensor, y: Tensor, var: Tensor, gamma: float) -> Tensor
 
 
 def _kl_two_class(dd: Tensor, y: Tensor, gamma: float) -> Tensor:
-    # Two labelled classes (a mixup target): whatever the loss gap, the optimum leaves the least
-    # mass p on the higher-loss class with KL((y_lo, y_hi) || (1-p, p)) <= gamma. In z = log p,
-    # f(z) = y_lo log(y_lo/(1-e^z)) + y_hi log(y_hi) - y_hi z - gamma is convex and decreasing
-    # for p < y_hi, so Newton converges monotonically from either side with no bracket.
     # Rows whose second column is not labelled (y = 0) are discarded by the caller (var = 0).
     first_low = dd[:, 0] <= dd[:, 1]
-    y_lo = torch.where(first_low, y[:, 0], y[:, 1])
-    y_hi = torch.where(first_low, y[:, 1], y[:, 0]).clamp_min(1e-300)
-    const = torch.xlogy(y_lo, y_lo) + y_hi * torch.log(y_hi) - gamma
-    # Start from the small-gamma expansion KL ~ (p - y_hi)^2 / (2 y_lo y_hi), or, where that
-    # leaves (0, y_hi), from p = y_hi e^(-gamma/y_hi) (just right of the root).
-    # The smaller of the two is inside (0, y_hi) and below 1, where log1p(-p) is finite.
-    p0 = torch.minimum(y_hi - torch.sqrt(2.0 * gamma * y_lo * y_hi), y_hi * math.exp(-gamma))
-    z = torch.where(p0 > 0, torch.log(p0.clamp_min(1e-300)), torch.log(y_hi) - gamma / y_hi)
+    p = _kl_two_class_high_mass(torch.where(first_low, y[:, 1], y[:, 0]), gamma)
+    return torch.stack([torch.where(first_low, 1.0 - p, p), torch.where(first_low, p, 1.0 - p)], 1)
+
+
+def _kl_two_class_high_mass(y_hi: Tensor, gamma: float) -> Tensor:
+    """The least mass p on the higher-loss of two labelled classes with KL(y || v) <= gamma,
+    for its share y_hi (any shape, float64, the other share 1 - y_hi, gamma >= _KL_GAMMA_RESOLUTION)."""
+    # Whatever the loss gap, the optimum is the smallest feasible p. In z = log p,
+    # f(z) = y_lo log(y_lo/(1-e^z)) + y_hi log(y_hi) - y_hi z - gamma is convex and decreasing
+    # for p < y_hi, so Newton converges monotonically from either side with no bracket.
+    # Shares are normalised separately, so a 1e-16 partner can leave y_hi = 1 and y_lo = 0
+    # (log(1 - p) = -inf below): keep y_hi at the largest float64 below 1.
+    share = y_hi
+    y_hi = y_hi.clamp(1e-300, 1.0 - 2.0**-53)
+    y_lo = 1.0 - y_hi
+    log_y_hi = torch.log(y_hi)
+    const = torch.xlogy(y_lo, y_lo).addcmul_(y_hi, log_y_hi).sub_(gamma)
+    # Start at p = y_hi e^-r, r = sqrt(2 gamma y_lo / y_hi): the small-gamma expansion
+    # KL ~ (p - y_hi)^2 / (2 y_lo y_hi) where r is small, and inside (0, y_hi) for any r.
+    z = log_y_hi.sub_(y_lo.div(y_hi).mul_(2.0 * gamma).sqrt_())
+    neg_y_hi = -y_hi
+    # Iterates stay below the start (< 1), and p underflowing to 0 far left is harmless (f is
+    # linear in z there), so only the result needs clamping.
     for _ in range(_KL_TWO_CLASS_NEWTON_STEPS):
-        z = z.clamp(-_KL_TWO_CLASS_LOG_P_LIMIT, _LOG_ONE_MINUS_EPS)
         p = torch.exp(z)
-        f = const - y_lo * torch.log1p(-p) - y_hi * z
-        slope = y_lo * p / (1.0 - p) - y_hi
+        q = 1.0 - p
+        f = torch.addcmul(const, y_lo, torch.log(q), value=-1.0).addcmul_(y_hi, z, value=-1.0)
         # slope -> 0 only as p -> y_hi (KL's minimum), where f ~ slope^2 - gamma is already
         # feasible: stay rather than divide by ~0 (tiny gamma puts the start exactly there).
-        z = z - torch.where(slope < -1e-9, f / slope.clamp_max(-1e-9), torch.zeros_like(f))
-    p = torch.exp(z.clamp(-_KL_TWO_CLASS_LOG_P_LIMIT, _LOG_ONE_MINUS_EPS)).minimum(y_hi)
-    v_hi, v_lo = p, 1.0 - p
-    return torch.stack([torch.where(first_low, v_lo, v_hi), torch.where(first_low, v_hi, v_lo)], 1)
+        slope = torch.addcmul(neg_y_hi, y_lo, p.div_(q))
+        z.addcdiv_(f.masked_fill_(slope >= -1e-9, 0.0), slope.clamp_max_(-1e-9), value=-1.0)
+    # Against the unclamped share: y_hi = 0 (no higher-loss class) gives p = 0 exactly.
+    return torch.exp(z.clamp_(-_KL_TWO_CLASS_LOG_P_LIMIT, _LOG_ONE_MINUS_EPS)).minimum(share)
 
 
 def _l2_weights(l: Tensor, y: Tensor, gamma: float) -> Tensor:

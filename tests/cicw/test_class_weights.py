@@ -45,6 +45,17 @@ def test_tiny_target_mass_under_kl_is_finite() -> None:
     assert float(_kl(y.double(), v.double())) <= 0.01 + 1e-6
 
 
+def test_partner_share_below_float64_resolution_under_kl() -> None:
+    # Regression: a 1e-20 share on the low-loss class normalised the other to exactly 1, and the
+    # two-class Newton returned NaN weights (and a loss of 0). The optimum keeps e^-gamma on it.
+    lp = torch.log_softmax(torch.tensor([[-9.0, 0.0, -11.0]], dtype=torch.float64), -1)
+    y = torch.tensor([[1.0, 1e-20, 0.0]], dtype=torch.float64)
+    L, v = cicw.class_reweighted_loss(lp, y, divergence="kl", gamma=1e-3, return_weights=True)
+    assert torch.isfinite(v).all()
+    assert float(v[0, 0]) == pytest.approx(math.exp(-1e-3), rel=1e-9)
+    assert float(L) == pytest.approx(float(-(v * lp).sum()), rel=1e-12)
+
+
 @pytest.mark.parametrize("divergence", ["kl", "tv", "l1", "l2"])
 def test_soft_rows_stay_on_simplex_and_in_ball(divergence: str) -> None:
     g = torch.Generator().manual_seed(0)
