@@ -202,9 +202,10 @@ def make_step(method: str, model: torch.nn.Module, opt: torch.optim.Optimizer, x
             F.cross_entropy(model(x2), y).backward()
             opt.step()
         return step
-    # burn_in_steps=0: every timed step is a reweighting step (annealing changes only lambda).
+    # gate="steps", burn_in_steps=0: every timed step is a reweighting step (annealing changes
+    # only lambda); under the memorization gate a shut gate's step is a CE step.
     cfg = cicw.CICWConfig(method=method, lam=2.5 if method == "cicw_m" else 0.1,  # type: ignore[arg-type]
-                          gamma=GAMMA, burn_in_steps=0, anneal_steps=0, validate_args=False)
+                          gate="steps", gamma=GAMMA, burn_in_steps=0, anneal_steps=0, validate_args=False)
     loss_fn = cicw.CICWLoss(cfg, num_classes=k, generator=torch.Generator(device=x.device).manual_seed(0))
     def step() -> None:
         opt.zero_grad(set_to_none=True)
