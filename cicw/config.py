@@ -67,9 +67,9 @@ class CICWConfig(BaseModel):
     holdout_fraction: float = Field(
         0.0625, gt=0, lt=0.5, allow_inf_nan=False,
         description="Fraction of examples (by id) never trained on, for the memorization gate.")
-    gate_z: float = Field(3.0, gt=0, allow_inf_nan=False,
+    gate_z: float = Field(4.0, gt=0, allow_inf_nan=False,
                           description="Standard errors the loss gap must reach to open the gate.")
-    gate_patience: int = Field(50, ge=1, description="Consecutive steps the gap must stay significant.")
+    gate_patience: int = Field(10, ge=1, description="Consecutive steps the gap must stay significant.")
     gate_decay: float = Field(0.02, gt=0, lt=1, allow_inf_nan=False,
                               description="Per-step decay of the gate's running loss means.")
     burn_in_steps: int = Field(4000, ge=0, description="Steps of plain training first (with the "

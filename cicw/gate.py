@@ -49,7 +49,7 @@ def feature_ids(inputs: Tensor) -> Tensor:
     before any random augmentation.
     """
     n = inputs.shape[0]
-    flat = inputs.detach().reshape(n, -1).contiguous()
+    flat = inputs.detach().reshape(n, math.prod(inputs.shape[1:])).contiguous()  # n may be 0 (an idle rank)
     if flat.dtype.is_floating_point:
         flat = flat.float().view(torch.int32)
     words = flat.to(torch.int64)
@@ -111,7 +111,7 @@ class MemorizationGate:
         True
     """
 
-    def __init__(self, *, z: float = 3.0, patience: int = 50, decay: float = 0.02, min_holdout: int = 64) -> None:
+    def __init__(self, *, z: float = 4.0, patience: int = 10, decay: float = 0.02, min_holdout: int = 64) -> None:
         if not z > 0 or patience < 1 or not 0 < decay < 1 or min_holdout < 2:
             raise ValueError("need z > 0, patience >= 1, 0 < decay < 1 and min_holdout >= 2")
         self.z = float(z)

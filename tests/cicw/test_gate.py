@@ -31,6 +31,7 @@ def test_feature_ids_follow_content_not_position() -> None:
     y = x.clone()
     y[3, 0, 5, 5] += 1e-3
     assert feature_ids(y)[3] != ids[3] and torch.equal(feature_ids(y)[4:], ids[4:])
+    assert feature_ids(x[:0]).shape == (0,)  # a rank with no rows this step
     raw = (x * 255).to(torch.uint8)
     assert torch.equal(feature_ids(raw), feature_ids(raw.clone()))
 
