@@ -27,6 +27,9 @@ class ScriptedSource:
             self.positions[rec.partition] = rec.offset + 1
         return item
 
+    def batch_ready(self) -> bool:
+        return False  # as a source waiting for its next fetch: one batch per wake-up
+
 
 def _recs(offsets: range) -> list[KafkaRecord]:
     return [KafkaRecord("t", 0, o, bytes([o % 256]), headers=(("label", b"1"),)) for o in offsets]
@@ -69,3 +72,32 @@ def test_source_errors_reach_the_loop_and_close_drops_what_was_not_taken() -> No
     _wait_until(lambda: endless.calls >= 3)
     ahead.close()  # returns although the queue is full
     assert ahead.positions == {0: 0} and endless.calls <= 4  # bounded read-ahead; nothing taken
+
+
+class BufferedSource(ScriptedSource):
+    """A source holding whole batches while ``ready`` says so (what is left of a fetched chunk)."""
+
+    def __init__(self, script: list[list[KafkaRecord] | Exception | None], ready: int) -> None:
+        super().__init__(script)
+        self.ready = ready
+
+    def batch_ready(self) -> bool:
+        return self.calls < self.ready
+
+
+def test_a_group_decoded_in_one_wake_up_hands_out_its_batches_with_their_own_positions() -> None:
+    script: list[list[KafkaRecord] | Exception | None] = [_recs(range(i, i + 2)) for i in range(0, 10, 2)]
+    source = BufferedSource([*script, RuntimeError("broker said no")], ready=10)
+    batches = DecodedBatches(source, CODEC, depth=1, group=3)  # type: ignore[arg-type]
+    try:
+        first = batches.next()
+        assert first is not None and batches.positions == {0: 2}
+        _wait_until(lambda: source.calls == 6)  # groups [0, 2, 4] taken, [6, 8, error] queued
+        assert batches.positions == {0: 2}  # batches decoded ahead never move the positions
+        taken = [batches.next() for _ in range(4)]
+        assert [b.positions for b in taken if b is not None] == [{0: 4}, {0: 6}, {0: 8}, {0: 10}]
+        with pytest.raises(RuntimeError, match="broker said no"):  # after the batches fetched before it
+            batches.next()
+        assert batches.positions == {0: 10} and batches.next() is None
+    finally:
+        batches.close()

@@ -179,16 +179,22 @@ def test_positions_stay_exact_when_batches_cut_across_fetches(kafka_broker: Embe
     spec = SourceSpec(bootstrap_servers=kafka_broker.bootstrap, topic=topic, client=client,  # type: ignore[arg-type]
                       stop_at="end", batch_size=5, fetch_records=7, queue_records=14)
     seen: list = []
+    ready_seen = 0
     with KafkaSource(spec) as source:
         expected = dict(source.positions)
-        while (batch := source.next_batch()) is not None:
-            assert len(batch) <= 5
+        while True:
+            ready = source.batch_ready()  # a whole batch is buffered: the next one is cut without waiting
+            if (batch := source.next_batch()) is None:
+                break
+            assert len(batch) <= 5 and (not ready or len(batch) == 5)
+            ready_seen += ready
             for r in batch:
                 assert r.offset == expected[r.partition]  # in order, nothing skipped or repeated
                 expected[r.partition] = r.offset + 1
             assert source.positions == expected
             seen += batch
     assert sorted(int(r.value) for r in seen) == list(range(90)) and expected == {0: 30, 1: 30, 2: 30}
+    assert ready_seen  # what is left of a fetch of 7 holds a batch of 5 now and then
 
 
 class _FakeConsumer:

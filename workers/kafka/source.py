@@ -589,6 +589,11 @@ class KafkaSource:
         self._advance_positions(batch)
         return batch
 
+    def batch_ready(self) -> bool:
+        """Whether :meth:`next_batch` can cut a whole batch now, without waiting: the chunk it
+        cuts from still holds ``batch_size`` records (taker's thread, as next_batch)."""
+        return self._held_jump is None and len(self._carry) - self._carry_at >= self.spec.batch_size
+
     def _raise_poller_error(self) -> None:
         error = self._error
         if error is None:

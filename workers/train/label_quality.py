@@ -37,6 +37,7 @@ names to slots beforehand (hashing names to slots would lose the names the metri
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -51,6 +52,8 @@ from ..report import ClassQuality, SourceQuality
 OTHER_SOURCE = "other"
 DOWN_WEIGHTED_BELOW = 0.25  # N*w under this is down-weighted (cicw's low-weight fraction)
 WINDOW_NAMES_PER_SOURCE = 4  # a rank's window table keeps up to this many times max_sources names
+# Steps a window holds uncounted at most (their tensors: about 15 numbers per example).
+PENDING_STEPS = 64
 # The counts kept per source or class, in this order (a checkpoint's rows).
 TALLY_FIELDS = ("seen", "weighed", "weight_sum", "down", "scored", "disagree", "known", "noisy",
                 "checked", "mistaken")
@@ -120,18 +123,51 @@ def _fold(tallies: dict[str, Tally], keep: int) -> None:
         other.add_row(tallies.pop(name).row())
 
 
+@dataclass(frozen=True)
+class _PendingStep:
+    """A step a LabelWindow has not counted yet (tensors detached): ``names`` one per row, or
+    None for all "unknown"; targets [n] or [n, K]; clean_labels [n]; logits [n, K] or None;
+    weights [n] or None (before burn-in) with the step's global example count."""
+
+    names: Sequence[str] | None
+    targets: Tensor
+    clean_labels: Tensor
+    logits: Tensor | None
+    weights: Tensor | None
+    global_examples: int
+
+    @property
+    def kind(self) -> tuple[int, bool, bool]:
+        return self.targets.dim(), self.logits is not None, self.weights is not None
+
+
 @dataclass
 class LabelWindow:
-    """One rank's counts since the last report (what it all-gathers at the report)."""
+    """One rank's counts since the last report (what it all-gathers at the report). Steps are
+    counted when the counts are read, consecutive steps of one kind in one go: a few torch ops
+    per report instead of per step, which the training thread would pay between steps."""
 
     num_classes: int
     max_sources: int
-    sources: dict[str, Tally] = field(default_factory=dict)
-    classes: list[Tally] = field(default_factory=list)
+    _sources: dict[str, Tally] = field(default_factory=dict, repr=False)
+    _classes: list[Tally] = field(default_factory=list, repr=False)
+    _pending: list[_PendingStep] = field(default_factory=list, repr=False)
 
     def __post_init__(self) -> None:
-        if not self.classes:
-            self.classes = [Tally() for _ in range(self.num_classes)]
+        if not self._classes:
+            self._classes = [Tally() for _ in range(self.num_classes)]
+
+    @property
+    def sources(self) -> dict[str, Tally]:
+        """Counts per source name (at most 4 x max_sources names and "other")."""
+        self._settle()
+        return self._sources
+
+    @property
+    def classes(self) -> list[Tally]:
+        """Counts per given class."""
+        self._settle()
+        return self._classes
 
     def observe(self, *, sources: Sequence[str], targets: Tensor, clean_labels: Tensor, logits: Tensor | None,
                 weights: Tensor, global_examples: int, weights_active: bool) -> None:
@@ -142,32 +178,70 @@ class LabelWindow:
         n = int(targets.shape[0])
         if n == 0:
             return
-        names = list(sources) if len(sources) == n else [UNKNOWN_SOURCE] * n
-        columns = self._columns(targets, clean_labels, logits, weights, global_examples, weights_active)
+        self._pending.append(_PendingStep(
+            sources if len(sources) == n else None, targets.detach(), clean_labels.detach(),
+            None if logits is None else logits.detach(), weights.detach() if weights_active else None,
+            global_examples))
+        if len(self._pending) >= PENDING_STEPS:
+            self._settle()
+
+    def _settle(self) -> None:
+        for _, run in itertools.groupby(self._pending, key=lambda s: s.kind):
+            self._count(list(run))
+        self._pending = []
+
+    def _count(self, steps: list[_PendingStep]) -> None:
+        """Add steps of one kind, as counting them one by one would (names folded after each)."""
+        first = steps[0]
+        targets = torch.cat([s.targets for s in steps])
+        scaled = (torch.cat([s.weights.double().cpu() * s.global_examples for s in steps if s.weights is not None])
+                  if first.weights is not None else None)
+        logits = torch.cat([s.logits for s in steps if s.logits is not None]) if first.logits is not None else None
+        columns = self._columns(targets, torch.cat([s.clean_labels for s in steps]), logits, scaled)
+        keep = WINDOW_NAMES_PER_SOURCE * self.max_sources
+        names = set().union(*(s.names if s.names is not None else (UNKNOWN_SOURCE,) for s in steps))
+        if len(names | self._sources.keys()) <= keep:  # no fold between these steps: count them at once
+            self._add_by_name([name for s in steps for name in self._names(s)], columns)
+        else:
+            at = 0
+            for s in steps:
+                n = len(s.targets)
+                self._add_by_name(self._names(s), columns[at:at + n])
+                _fold(self._sources, keep)
+                at += n
+        if first.targets.dim() == 1:
+            per_class = torch.zeros(self.num_classes, len(TALLY_FIELDS), dtype=torch.float64)
+            per_class.index_add_(0, targets.cpu().long(), columns)
+            for tally, row in zip(self._classes, per_class.tolist()):
+                tally.add_row(row)
+        _fold(self._sources, keep)
+
+    @staticmethod
+    def _names(step: _PendingStep) -> list[str]:
+        return list(step.names) if step.names is not None else [UNKNOWN_SOURCE] * len(step.targets)
+
+    def _add_by_name(self, names: list[str], columns: Tensor) -> None:
+        """Add each row of ``columns`` [n, len(TALLY_FIELDS)] to the tally of its name."""
+        if all(name == names[0] for name in names):  # one source: no index per name
+            self._sources.setdefault(names[0], Tally()).add_row(columns.sum(0).tolist())
+            return
         # Rows grouped by name with one index per source: a handful of sources per batch.
         by_name: dict[str, list[int]] = {}
         for i, name in enumerate(names):
             by_name.setdefault(name, []).append(i)
         for name, rows in by_name.items():
             idx = torch.tensor(rows, dtype=torch.long)
-            self.sources.setdefault(name, Tally()).add_row(columns[idx].sum(0).tolist())
-        if targets.dim() == 1:
-            per_class = torch.zeros(self.num_classes, len(TALLY_FIELDS), dtype=torch.float64)
-            per_class.index_add_(0, targets.detach().cpu().long(), columns)
-            for tally, row in zip(self.classes, per_class.tolist()):
-                tally.add_row(row)
-        _fold(self.sources, WINDOW_NAMES_PER_SOURCE * self.max_sources)
+            self._sources.setdefault(name, Tally()).add_row(columns[idx].sum(0).tolist())
 
     @staticmethod
-    def _columns(targets: Tensor, clean_labels: Tensor, logits: Tensor | None, weights: Tensor,
-                 global_examples: int, weights_active: bool) -> Tensor:
-        """[n, len(TALLY_FIELDS)] float64 counts of each row (on the CPU)."""
+    def _columns(targets: Tensor, clean_labels: Tensor, logits: Tensor | None, nw: Tensor | None) -> Tensor:
+        """[n, len(TALLY_FIELDS)] float64 counts of each row (on the CPU); ``nw`` [n] float64 N*w
+        on the CPU, None before burn-in."""
         n = int(targets.shape[0])
         out = torch.zeros(n, len(TALLY_FIELDS), dtype=torch.float64)
         out[:, 0] = 1.0
-        if not weights_active:
+        if nw is None:
             return out
-        nw = weights.detach().double().cpu() * global_examples
         out[:, 1] = 1.0
         out[:, 2] = nw
         out[:, 3] = (nw < DOWN_WEIGHTED_BELOW).double()

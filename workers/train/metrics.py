@@ -7,11 +7,13 @@ for a sum over ranks (:func:`lag_vector`, :func:`lag_from_vector`)."""
 from __future__ import annotations
 
 import bisect
+import itertools
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from torch import Tensor
 
 from ..report import STEP_SECONDS_EDGES
@@ -20,11 +22,30 @@ from ..report import STEP_SECONDS_EDGES
 # the same threshold as the CICW diagnostics' low-weight fraction.
 DOWN_WEIGHTED_BELOW = 0.25
 SUMMED = ("correct", "seen", "loss", "down", "corrupted", "hit")
+# Steps a window holds uncounted at most (their tensors: about 15 numbers per example).
+PENDING_STEPS = 64
+
+
+@dataclass(frozen=True)
+class _ScoredStep:
+    """What a step leaves for the window's sums until they are read (tensors detached): targets
+    [n] class indices, clean_labels [n], logits [n, K] or None, scaled [n] N*w or None."""
+
+    targets: Tensor
+    clean_labels: Tensor
+    logits: Tensor | None
+    scaled: Tensor | None
+
+    @property
+    def kind(self) -> tuple[bool, bool]:
+        return self.logits is not None, self.scaled is not None
 
 
 @dataclass
 class MetricWindow:
-    """Sums over the steps since the last report, for this rank."""
+    """Sums over the steps since the last report, for this rank. A step's accuracy and noise
+    counts are taken when the sums are read, over all pending steps at once: a handful of torch
+    ops per report instead of per step, which the training thread would pay between steps."""
 
     clock: Callable[[], float] = time.monotonic
     correct: float = 0.0
@@ -36,13 +57,14 @@ class MetricWindow:
     steps: int = 0
     examples: int = 0  # global, the same on every rank
     started: float = field(default=0.0)
+    pending: list[_ScoredStep] = field(default_factory=list, repr=False)
 
     def __post_init__(self) -> None:
         self.started = self.clock()
 
     def observe(self, *, loss: Tensor, targets: Tensor, clean_labels: Tensor, logits: Tensor | None,
                 weights: Tensor, global_examples: int, weights_active: bool) -> None:
-        """Add one optimizer step.
+        """Add one optimizer step. Reads the loss back (on a GPU: waits for the step's kernels).
 
         targets: [n] class indices or [n, K] probabilities; clean_labels: [n], -1 where unknown;
         logits: [n, K] from before the update (None when the step forwarded only mixed inputs);
@@ -53,20 +75,35 @@ class MetricWindow:
         self.loss += float(loss.detach())
         if targets.dim() != 1:  # probability rows: neither accuracy nor noise is defined
             return
-        if logits is not None:
-            self.correct += float((logits.argmax(1) == targets).sum())
-            self.seen += len(targets)
-        if weights_active:
-            clean = clean_labels.to(targets.device)
-            known = clean >= 0
-            corrupted = known & (clean != targets)
-            down = known & (weights * global_examples < DOWN_WEIGHTED_BELOW)
-            self.hit += float((down & corrupted).sum())
-            self.down += float(down.sum())
-            self.corrupted += float(corrupted.sum())
+        self.pending.append(_ScoredStep(
+            targets.detach(), clean_labels, None if logits is None else logits.detach(),
+            weights.detach() * global_examples if weights_active else None))
+        if len(self.pending) >= PENDING_STEPS:
+            self._settle()
+
+    def _settle(self) -> None:
+        """Count the pending steps, consecutive steps of one kind in one go."""
+        for (scored, weighed), run in itertools.groupby(self.pending, key=lambda s: s.kind):
+            steps = list(run)
+            targets = torch.cat([s.targets for s in steps])
+            if scored:
+                logits = torch.cat([s.logits for s in steps if s.logits is not None])
+                self.correct += float((logits.argmax(1) == targets).sum())
+                self.seen += len(targets)
+            if weighed:
+                clean = torch.cat([s.clean_labels for s in steps]).to(targets.device)
+                scaled = torch.cat([s.scaled for s in steps if s.scaled is not None])
+                known = clean >= 0
+                corrupted = known & (clean != targets)
+                down = known & (scaled < DOWN_WEIGHTED_BELOW)
+                self.hit += float((down & corrupted).sum())
+                self.down += float(down.sum())
+                self.corrupted += float(corrupted.sum())
+        self.pending = []
 
     def sums(self) -> list[float]:
         """This rank's sums, in :data:`SUMMED` order, for an all-reduce."""
+        self._settle()
         return [getattr(self, name) for name in SUMMED]
 
     def summary(self, global_sums: list[float], noise: NoiseTotals) -> dict[str, float]:
