@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from typing import Literal, overload
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -206,61 +207,72 @@ def _kl_few_labels(log_probs: Tensor, y: Tensor, gamma: float,
                    need_weights: bool) -> tuple[Tensor, Tensor | None, Tensor] | None:
     """inner_losses for soft KL targets y [n, K] on the CPU when no row has more than two labelled
     classes (mixup targets), else None. The solve, the loss and the moved mass use the two
-    largest shares' columns and the best unlabelled class: three gathered columns."""
+    labelled columns and the best unlabelled class: three gathered columns."""
     n, k = log_probs.shape
     if log_probs.device.type != "cpu" or k <= 2 or not n:
         return None
-    with torch.no_grad():
-        # The third largest share tells the width (on the CPU reading it costs no device sync);
-        # with at most two labelled classes shares3[:, 2] is 0, the unlabelled column's share.
-        shares3, cols3 = torch.topk(y, 3, dim=1)
-        if bool(shares3[:, 2].any()):
-            return None
-        # A row with one labelled class names it twice, so the scatter below masks no
-        # unlabelled class; the second copy keeps share 0 and gets weight 0.
-        cols = torch.where(shares3[:, 1:2] > 0, cols3[:, :2], cols3[:, :1])
-        out_arg = log_probs.scatter(1, cols, -torch.inf).argmax(1, keepdim=True)
-        idx = torch.cat([cols, out_arg], 1)
-    lp3 = log_probs.gather(1, idx)
-    with torch.no_grad():
-        w, moved = _kl_two_labelled(lp3, shares3, gamma)
+    # The weights are constants of the loss (Danskin), so on the CPU everything but the final
+    # gather and sum runs in NumPy on zero-copy views: at n ~ 100 a NumPy op costs well under
+    # torch's ~2 us dispatch, and the choice of columns and the solve are ~30 such ops. On
+    # CUDA this would cost device round trips: that path never gets here.
+    y_np = y.detach().numpy()
+    labelled = y_np != 0
+    if int(np.count_nonzero(labelled, axis=1).max()) > 2:
+        return None
+    # First and last labelled column: the same one for a row with one labelled class, whose
+    # second copy then gets share 0 and weight 0.
+    first = labelled.argmax(1)
+    last = (k - 1) - labelled[:, ::-1].argmax(1)
+    lp_np = log_probs.detach().numpy()
+    out_arg = np.where(labelled, -np.inf, lp_np).argmax(1)
+    idx = np.stack([first, last, out_arg], 1)
+    rows = np.arange(n)
+    y2 = np.stack([y_np[rows, first], np.where(first == last, 0.0, y_np[rows, last])], 1)
+    w, moved = _kl_two_labelled(lp_np[rows[:, None], idx], y2, gamma)
+    np_dtype = lp_np.dtype
+    w_t = torch.from_numpy(w.astype(np_dtype))
+    idx_t = torch.from_numpy(idx)
+    lp3 = log_probs.gather(1, idx_t)
     # nansum keeps 0 * -inf (a class with probability exactly 0 and weight 0) out of the sum.
-    inner = torch.nansum(w * lp3, 1).neg_()
-    v = torch.zeros_like(log_probs).scatter_add_(1, idx, w) if need_weights else None
-    return inner, v, moved
+    inner = torch.nansum(w_t * lp3, 1).neg_()
+    v = torch.zeros_like(log_probs).scatter_add_(1, idx_t, w_t) if need_weights else None
+    return inner, v, torch.from_numpy(moved.astype(np_dtype))
 
 
-def _kl_two_labelled(lp3: Tensor, y3: Tensor, gamma: float) -> tuple[Tensor, Tensor]:
-    """_kl_on_support for rows with one or two labelled classes. lp3 [n, 3]: log-probabilities of
-    the two labelled columns (the second a copy of the first if only one is labelled) and of the
-    best unlabelled class; y3 [n, 3]: their shares (the last 0). Returns the weights on those three
-    columns [n, 3] and the moved mass 0.5 |v - y|_1 [n], in lp3's dtype."""
-    # One cast of everything the solve reads: float64 is needed for KL near gamma (see below).
-    packed = torch.cat([lp3, y3], 1).to(torch.float64)
-    lp2, lp_out, y3 = packed[:, :2], packed[:, 2:3], packed[:, 3:]
-    y3 = y3 / y3.sum(1, keepdim=True)  # rows sum to 1 within 1e-4 only: see _soft_kl_weights
-    y2 = y3[:, :2]
-    # Case A (mass leaks to the best unlabelled class), as in _kl_on_support: v_k = eta y_k / d_k
-    # with d = l - l_out. A labelled d <= 0 (no leak possible) makes log d, and so in_mass, NaN
-    # or the 0/0 of v, and NaN <= 1 is false; an unlabelled copy has y = 0 and adds nothing.
-    d = lp_out - lp2
-    eta = torch.exp(torch.xlogy(y2, d).sum(1, keepdim=True).sub_(gamma))
-    v_leak = y2 / d * eta
-    in_mass = v_leak.sum(1, keepdim=True)
+def _kl_two_labelled(lp3: np.ndarray, y2: np.ndarray, gamma: float) -> tuple[np.ndarray, np.ndarray]:
+    """_kl_on_support in NumPy for rows with one or two labelled classes. lp3 [n, 3]:
+    log-probabilities of the two labelled columns (the second a copy of the first if only one is
+    labelled) and of the best unlabelled class; y2 [n, 2]: the two shares (the copy's 0). Returns
+    float64 weights on those three columns [n, 3] and the moved mass 0.5 |v - y|_1 [n]."""
+    # float64 is needed for KL near gamma (see below).
+    lp3 = lp3.astype(np.float64)
+    y2 = y2.astype(np.float64)
+    y2 /= y2.sum(1, keepdims=True)  # rows sum to 1 within 1e-4 only: see _soft_kl_weights
+    lp2 = lp3[:, :2]
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        # Case A (mass leaks to the best unlabelled class), as in _kl_on_support: v_k = eta y_k / d_k
+        # with d = l - l_out. A labelled d <= 0 (no leak possible) makes log d, and so in_mass,
+        # NaN or the 0/0 of v, and NaN <= 1 is false; an unlabelled copy has y = 0 and adds nothing.
+        d = lp3[:, 2:3] - lp2
+        eta = np.exp(np.where(y2 == 0.0, 0.0, y2 * np.log(d)).sum(1, keepdims=True) - gamma)
+        v_leak = y2 / d * eta
+        in_mass = v_leak.sum(1)
     leak = in_mass <= 1.0
     # Case B (all mass stays on the labelled classes): the two-class solve moves mass from the
     # strictly higher-loss class (hi) to the other. Equal losses (or one labelled class) give
     # no hi, y_hi = 0 and p = 0: v = y, nothing to gain.
-    hi = lp2 < lp2.amax(1, keepdim=True)
-    y_hi = (y2 * hi).sum(1, keepdim=True)
+    hi = lp2 < lp2.max(1, keepdims=True)
+    y_hi = (y2 * hi).sum(1, keepdims=True)
     if gamma < _KL_GAMMA_RESOLUTION:
         v_stay = y2
     else:
-        p = _kl_two_class_high_mass(y_hi, gamma)
-        v_stay = torch.where(hi, p, y2 + (y_hi - p))
-    w = torch.cat([torch.where(leak, v_leak, v_stay), torch.where(leak, 1.0 - in_mass, 0.0)], 1)
-    moved = (w - y3).abs_().sum(1).mul_(0.5)
-    return w.to(lp3.dtype), moved.to(lp3.dtype)
+        p = _kl_two_class_high_mass_np(y_hi, gamma)
+        v_stay = np.where(hi, p, y2 + (y_hi - p))
+    w = np.empty_like(lp3)
+    w[:, :2] = np.where(leak[:, None], v_leak, v_stay)
+    w[:, 2] = np.where(leak, 1.0 - in_mass, 0.0)
+    moved = 0.5 * (np.abs(w[:, :2] - y2).sum(1) + w[:, 2])
+    return w, moved
 
 
 def _kl_on_support(l: Tensor, y: Tensor, in_min: Tensor, out_min: Tensor,
@@ -366,6 +378,24 @@ def _kl_two_class_high_mass(y_hi: Tensor, gamma: float) -> Tensor:
         z.addcdiv_(f.masked_fill_(slope >= -1e-9, 0.0), slope.clamp_max_(-1e-9), value=-1.0)
     # Against the unclamped share: y_hi = 0 (no higher-loss class) gives p = 0 exactly.
     return torch.exp(z.clamp_(-_KL_TWO_CLASS_LOG_P_LIMIT, _LOG_ONE_MINUS_EPS)).minimum(share)
+
+
+def _kl_two_class_high_mass_np(y_hi: np.ndarray, gamma: float) -> np.ndarray:
+    """_kl_two_class_high_mass in NumPy (float64, any shape) for the CPU fast path; the same
+    iteration step for step (tests compare the two)."""
+    share = y_hi
+    y_hi = np.clip(y_hi, 1e-300, 1.0 - 2.0**-53)
+    y_lo = 1.0 - y_hi  # >= 2^-53: y_lo log y_lo needs no xlogy
+    log_y_hi = np.log(y_hi)
+    const = y_lo * np.log(y_lo) + y_hi * log_y_hi - gamma
+    z = log_y_hi - np.sqrt(2.0 * gamma * y_lo / y_hi)
+    for _ in range(_KL_TWO_CLASS_NEWTON_STEPS):
+        p = np.exp(z)
+        q = 1.0 - p
+        f = const - y_lo * np.log(q) - y_hi * z
+        slope = y_lo * (p / q) - y_hi
+        z -= np.where(slope >= -1e-9, 0.0, f) / np.minimum(slope, -1e-9)
+    return np.minimum(np.exp(np.clip(z, -_KL_TWO_CLASS_LOG_P_LIMIT, _LOG_ONE_MINUS_EPS)), share)
 
 
 def _l2_weights(l: Tensor, y: Tensor, gamma: float) -> Tensor:
