@@ -53,7 +53,9 @@ def test_bounded_job_consumes_every_record_once_and_checkpoints_offsets(
         "source": {"bootstrap_servers": bootstrap, "topic": topic, "stop_at": "end", "batch_size": 32},
         "codec": {"format": {"kind": "json"}, "input_shape": [8], "num_classes": 3},
         "model": {"name": "mlp", "options": {"hidden": [32]}},
-        "cicw": {"method": "cicw_m", "burn_in_steps": 3, "anneal_steps": 3},
+        # A step schedule: this test checks the weights in force at the end, and one pass over a
+        # stream keeps the memorization gate shut.
+        "cicw": {"method": "cicw_m", "gate": "steps", "burn_in_steps": 3, "anneal_steps": 3},
         # both triggers: every 4 steps, and every 0.2 s (decided by all ranks together)
         "checkpoint": {"every_steps": 4, "every_s": 0.2, "keep": 2, "storage_path": str(tmp_path / "ckpt")},
         "report_every_steps": 2, "record_log_dir": str(tmp_path / "records"),
