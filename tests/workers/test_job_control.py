@@ -471,23 +471,18 @@ def test_a_bug_surfaces_as_an_exception_not_as_a_failed_job(local_ray: None, tmp
     assert handle.done() and handle.reports() == []
 
 
-def test_a_dead_letter_the_broker_refuses_fails_every_rank_with_the_reason(kafka_broker: EmbeddedBroker,
-                                                                           local_ray: None, tmp_path: Path) -> None:
+def test_a_dead_letter_topic_kafka_would_refuse_fails_the_job_before_it_starts(kafka_broker: EmbeddedBroker,
+                                                                              local_ray: None, tmp_path: Path) -> None:
     # Kafka topic names end at 249 characters, so this topic's dead-letter topic (+ ".dlq") is one
-    # the broker refuses for good, as it would one an ACL denies. The bad record is on partition 1,
-    # rank 1's: rank 0 sees no refusal of its own and must fail through the shared decision, not
-    # wait in a collective until Ray tears it down.
+    # a broker refuses for good. The embedded broker would create it anyway; the preflight checks
+    # the name first, so the submission fails naming it, before any record is consumed. (A
+    # refusal that only shows mid-stream, an ACL, fails every rank through the shared decision:
+    # tests/workers/test_dead_letters.py.)
     topic = f"refused-{uuid.uuid4().hex[:8]}-".ljust(249, "x")
     ensure_topic(kafka_broker.bootstrap, topic, 2)
     _send(kafka_broker.bootstrap, topic, 100, partitions=[0, 1])
-    producer = Producer({"bootstrap.servers": kafka_broker.bootstrap})
-    producer.produce(topic, b"not json", partition=1)
-    assert producer.flush(10) == 0
-    _send(kafka_broker.bootstrap, topic, 100, partitions=[0, 1], seed=1, start=100)
 
     result = run_job(_spec(kafka_broker.bootstrap, topic, tmp_path, source__stop_at="end"))
-    assert result.state == "failed" and "Invalid topic" in (result.error or ""), result.error
-    assert sorted(result.rank_errors) == [0, 1], result.rank_errors
-    for rank, error in result.rank_errors.items():  # both ranks name rank 1's refusal
-        assert "DeadLetterError" in error and "rank 1: " in error and "Invalid topic" in error, (rank, error)
-    assert result.checkpoint is None  # no checkpoint past the record whose dead letter was refused
+    assert result.state == "failed" and f"{topic}.dlq" in (result.error or ""), result.error
+    assert "not a valid Kafka topic name" in (result.error or "") and "253" in (result.error or "")
+    assert result.rank_errors == {} and result.checkpoint is None  # no worker ran
