@@ -13,6 +13,7 @@ Nothing is stored per example: an example's holdout membership is a hash of its 
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -53,10 +54,16 @@ def feature_ids(inputs: Tensor) -> Tensor:
     if flat.dtype.is_floating_point:
         flat = flat.float().view(torch.int32)
     words = flat.to(torch.int64)
-    mult = torch.randint(1, 1 << 62, (words.shape[1],), generator=torch.Generator().manual_seed(_FEATURE_SEED),
-                         dtype=torch.int64).to(words.device) | 1
+    mult = _feature_multipliers(words.shape[1]).to(words.device)
     # A sum of products wraps around in int64: a random linear hash over the feature words.
     return (words * mult).sum(1) ^ words.shape[1]
+
+
+@functools.lru_cache(maxsize=8)
+def _feature_multipliers(width: int) -> Tensor:
+    """[width] odd int64 multipliers (CPU), drawn once per feature width rather than every step."""
+    g = torch.Generator().manual_seed(_FEATURE_SEED)
+    return torch.randint(1, 1 << 62, (width,), generator=g, dtype=torch.int64) | 1
 
 
 @dataclass

@@ -84,8 +84,7 @@ def preflight(spec: JobSpec, model_packages: tuple[str, ...]) -> None:
     client = make_client(src.client, src.bootstrap_servers, spec.consumer_group, src.client_config,
                          timeout_s=src.metadata_timeout_s)
     try:
-        topics = [src.topic] + ([spec.evaluation.topic] if spec.evaluation and spec.evaluation.topic else [])
-        for topic in topics:
+        for topic in input_topics(spec):
             client.partitions(topic, src.metadata_timeout_s)
     finally:
         client.close()
@@ -98,11 +97,15 @@ def preflight(spec: JobSpec, model_packages: tuple[str, ...]) -> None:
         read_meta(durable.location).check_resumable(spec)
 
 
+def input_topics(spec: JobSpec) -> list[str]:
+    """The topics a job reads: its source and, when it has one, its evaluation topic."""
+    return [spec.source.topic] + ([spec.evaluation.topic] if spec.evaluation and spec.evaluation.topic else [])
+
+
 def output_topics(spec: JobSpec) -> list[str]:
     """The topics a job writes to: the dead-letter topic of each topic it reads, and the
     suspects topic when it publishes suspects."""
-    read = [spec.source.topic] + ([spec.evaluation.topic] if spec.evaluation and spec.evaluation.topic else [])
-    topics = [topic + DLQ_SUFFIX for topic in read]
+    topics = [topic + DLQ_SUFFIX for topic in input_topics(spec)]
     if spec.suspects is not None:
         topics.append(spec.suspects.topic_for(spec.source.topic))
     return topics
